@@ -1,0 +1,13 @@
+"""torch-adamp: exact, sync-free and fast AdamP and SGDP for PyTorch.
+
+Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
+Scale-invariant Weights", ICLR 2021 (arXiv 2006.08217).
+"""
+
+from .adamp import AdamP, adamp
+from .projection import project_single, projection_coefficients
+from .sgdp import SGDP, sgdp
+
+__version__ = "0.1.0"
+
+__all__ = ["SGDP", "AdamP", "__version__", "adamp", "project_single", "projection_coefficients", "sgdp"]
