@@ -55,7 +55,7 @@ def _single_tensor_adamp(
         g = _update.upcast(grads[i])
         if maximize:
             g = -g
-        m, v, step_t = exp_avgs[i], exp_avg_sqs[i], state_steps[i]
+        m, v, step_t = _update.upcast(exp_avgs[i]), _update.upcast(exp_avg_sqs[i]), state_steps[i]
         step_t += 1
         bc1, sqrt_bc2 = _bias_corrections(step_t, beta1, beta2, as_tensor)
         m.mul_(beta1).add_(g, alpha=1 - beta1)
@@ -72,8 +72,7 @@ def _single_tensor_adamp(
             p.sub_(u * step_size)
         else:
             p.add_(u, alpha=-step_size)
-        if p is not param:
-            param.copy_(p)
+        _update.write_back([param, exp_avgs[i], exp_avg_sqs[i]], [p, m, v])
 
 
 def _multi_tensor_adamp(
@@ -104,8 +103,8 @@ def _multi_tensor_adamp(
         G = [_update.upcast(grads[i]) for i in idx]
         if maximize:
             G = torch._foreach_neg(G)
-        M = [exp_avgs[i] for i in idx]
-        V = [exp_avg_sqs[i] for i in idx]
+        M = [_update.upcast(exp_avgs[i]) for i in idx]
+        V = [_update.upcast(exp_avg_sqs[i]) for i in idx]
         S = [state_steps[i] for i in idx]
         torch._foreach_add_(S, 1.0)
 
@@ -160,7 +159,9 @@ def _multi_tensor_adamp(
             views=group_views,
             dist=dist,
         )
-        _update.write_back([params[i] for i in idx], P)
+        _update.write_back(
+            [params[i] for i in idx] + [exp_avgs[i] for i in idx] + [exp_avg_sqs[i] for i in idx], P + M + V
+        )
         if views is not None and group_views is not None:
             for k, i in enumerate(idx):
                 views[i] = group_views[k]
@@ -241,6 +242,10 @@ class AdamP(ProjectedOptimizer):
             one-off compile per model.
         capturable: keep step counters on the device (CUDA graphs).
         track_stats: record per-parameter statistics, read with :meth:`stats`.
+        fp32_state: moments of float16/bfloat16 parameters are kept in float32
+            (default); ``False`` keeps them in the parameter dtype to save memory.
+            The math always runs in float32 for half-precision parameters, and
+            results are rounded to nearest when written back.
     """
 
     def __init__(
@@ -260,6 +265,7 @@ class AdamP(ProjectedOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         track_stats: bool = False,
+        fp32_state: bool = True,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -275,6 +281,7 @@ class AdamP(ProjectedOptimizer):
             fused=fused,
             capturable=capturable,
             track_stats=track_stats,
+            fp32_state=fp32_state,
         )
         super().__init__(params, defaults)
 
@@ -292,16 +299,20 @@ class AdamP(ProjectedOptimizer):
             state = self.state[p]
             if "exp_avg" not in state:
                 state["step"] = self._new_step(p, group)
-                state["exp_avg"] = self._zeros_state(p)
-                state["exp_avg_sq"] = self._zeros_state(p)
+                state["exp_avg"] = self._zeros_state(p, group)
+                state["exp_avg_sq"] = self._zeros_state(p, group)
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        adamp(
+        dist, lists = self._dist(
+            group,
             params,
             [p.grad for p in params],
             [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states],
             [s["step"] for s in states],
+        )  # DTensors (FSDP2) -> local shards
+        adamp(
+            *lists,
             foreach=group["foreach"],
             fused=group["fused"],
             capturable=group["capturable"],
@@ -316,5 +327,5 @@ class AdamP(ProjectedOptimizer):
             maximize=group["maximize"],
             scale_invariant=group["scale_invariant"],
             views=views,
-            dist=self._dist(params),
+            dist=dist,
         )

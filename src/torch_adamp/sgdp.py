@@ -50,7 +50,7 @@ def _single_tensor_sgdp(
         g = _update.upcast(grads[i])
         if maximize:
             g = -g
-        buf = momentum_buffers[i]
+        buf = _update.upcast(momentum_buffers[i])
         buf.mul_(momentum).add_(g, alpha=1 - dampening)
         if nesterov:
             d = g + momentum * buf
@@ -65,8 +65,7 @@ def _single_tensor_sgdp(
             p.sub_(d * lr)
         else:
             p.add_(d, alpha=-lr)
-        if p is not param:
-            param.copy_(p)
+        _update.write_back([param, momentum_buffers[i]], [p, buf])
 
 
 def _multi_tensor_sgdp(
@@ -94,7 +93,7 @@ def _multi_tensor_sgdp(
         G = [_update.upcast(grads[i]) for i in idx]
         if maximize:
             G = torch._foreach_neg(G)
-        B = [momentum_buffers[i] for i in idx]
+        B = [_update.upcast(momentum_buffers[i]) for i in idx]
         torch._foreach_mul_(B, momentum)
         torch._foreach_add_(B, G, alpha=1 - dampening)
         if nesterov:
@@ -119,7 +118,7 @@ def _multi_tensor_sgdp(
             views=group_views,
             dist=dist,
         )
-        _update.write_back([params[i] for i in idx], P)
+        _update.write_back([params[i] for i in idx] + [momentum_buffers[i] for i in idx], P + B)
         if views is not None and group_views is not None:
             for k, i in enumerate(idx):
                 views[i] = group_views[k]
@@ -192,7 +191,7 @@ class SGDP(ProjectedOptimizer):
             buffer is projected along with the update. ``False``: the buffer
             keeps the raw gradients (paper box, timm, pytorch_optimizer).
         scale_invariant: ``"auto"``, ``"channel"``, ``"layer"`` or ``False``.
-        maximize, foreach, fused, track_stats: as in :class:`~torch_adamp.AdamP`.
+        maximize, foreach, fused, track_stats, fp32_state: as in :class:`~torch_adamp.AdamP`.
     """
 
     def __init__(
@@ -213,6 +212,7 @@ class SGDP(ProjectedOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         track_stats: bool = False,
+        fp32_state: bool = True,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -230,6 +230,7 @@ class SGDP(ProjectedOptimizer):
             fused=fused,
             capturable=False,
             track_stats=track_stats,
+            fp32_state=fp32_state,
         )
         super().__init__(params, defaults)
 
@@ -251,11 +252,12 @@ class SGDP(ProjectedOptimizer):
     def _step_group(self, group: dict[str, Any], params: list[Tensor], views: list[Tensor | None] | None) -> None:
         for p in params:
             if "momentum" not in self.state[p]:
-                self.state[p]["momentum"] = self._zeros_state(p)
+                self.state[p]["momentum"] = self._zeros_state(p, group)
+        dist, lists = self._dist(
+            group, params, [p.grad for p in params], [self.state[p]["momentum"] for p in params]
+        )  # DTensors (FSDP2) -> local shards
         sgdp(
-            params,
-            [p.grad for p in params],
-            [self.state[p]["momentum"] for p in params],
+            *lists,
             foreach=group["foreach"],
             fused=group["fused"],
             lr=group["lr"],
@@ -270,5 +272,5 @@ class SGDP(ProjectedOptimizer):
             project_momentum=group["project_momentum"],
             scale_invariant=group["scale_invariant"],
             views=views,
-            dist=self._dist(params),
+            dist=dist,
         )
