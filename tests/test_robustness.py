@@ -21,7 +21,9 @@ PATH_IDS = sorted(PATHS)
 
 OPTIMIZERS = {
     "adamp": lambda params, **kw: torch_adamp.AdamP(params, lr=1e-2, weight_decay=0.01, **kw),
-    "sgdp": lambda params, **kw: torch_adamp.SGDP(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4, **kw),
+    "sgdp": lambda params, **kw: torch_adamp.SGDP(
+        params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4, **kw
+    ),
 }
 
 

@@ -1,0 +1,315 @@
+"""The ``torch-adamp`` command: ``toy``, ``compare`` and ``bench``.
+
+Needs the ``cli`` extra (``pip install 'torch-adamp[cli]'``: matplotlib, tqdm),
+imported only when a subcommand runs. Errors are one line on stderr and a
+non-zero exit status (2 for bad options or missing data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from .experiments import compare, fashion_mnist, toy
+from .experiments.progress import MissingDependency, progress_bar, require
+
+BENCH_HELP = "step-time benchmark of AdamP/SGDP against torch.optim (arguments go to torch_adamp.benchmark)"
+
+
+class UsageError(Exception):
+    """A bad option or a missing input: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# -- option types ----------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _momentum(text: str) -> float:
+    value = _nonneg_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a momentum in [0, 1), got {text!r}")
+    return value
+
+
+def _momentum_list(text: str) -> list[float]:
+    values = [_momentum(t) for t in text.split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected momenta like 0.9,0.99, got {text!r}")
+    return values
+
+
+def _optimizer_list(text: str) -> list[str]:
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in compare.OPTIMIZERS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown optimizer(s) {', '.join(bad) or repr(text)}; choose among {','.join(compare.OPTIMIZERS)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+# -- the parser --------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser, out: str, threads_help: str) -> None:
+    p.add_argument("--out", default=out, metavar="DIR", help=f"output folder (default: {out})")
+    p.add_argument("--threads", type=_positive_int, default=1, metavar="N", help=threads_help)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``torch-adamp`` (exposed for the tests and the docs)."""
+    parser = _Parser(
+        prog="torch-adamp",
+        description="AdamP and SGDP (Heo et al., ICLR 2021): the paper's toy problems, a small "
+        "Fashion-MNIST comparison with torch.optim, and a step-time benchmark.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{toy,compare,bench}", parser_class=_Parser)
+
+    p = sub.add_parser(
+        "toy",
+        help="the paper's 2D and 3D toy problems: weight norm with and without projection",
+        description="2D toy: ||w/|w| - w*/|w*| ||^2 with GD, GD + momentum and GD + momentum + projection "
+        "(SGDP); 3D toy: Rosenbrock on a hemisphere with momentum GD, + weight decay, + projection. "
+        "Prints the final loss and weight norm; writes toy2d_trajectories.png, toy2d_norms.png, "
+        "toy3d_path.png, toy3d_radius.png and toy_results.json.",
+    )
+    p.add_argument("--steps", type=_positive_int, default=500, metavar="N", help="steps of the 2D toy (default: 500)")
+    p.add_argument("--lr", type=_nonneg_float, default=0.01, help="learning rate of the 2D toy (default: 0.01)")
+    p.add_argument(
+        "--momenta",
+        type=_momentum_list,
+        default=[0.9, 0.95, 0.99],
+        metavar="B1,B2,...",
+        help="momenta of the 2D toy (default: 0.9,0.95,0.99)",
+    )
+    p.add_argument(
+        "--steps-3d", type=_positive_int, default=200, metavar="N", help="iterations of the 3D toy (default: 200)"
+    )
+    _common(p, "results/toy", "CPU threads for torch (default: 1)")
+
+    d = compare.Config()
+    p = sub.add_parser(
+        "compare",
+        help="SGD vs SGDP and AdamW vs AdamP on a small BatchNorm CNN (Fashion-MNIST)",
+        description="Trains a conv-BN-ReLU CNN (no conv bias, so the conv weights are scale-invariant) on "
+        "Fashion-MNIST with each optimizer and seed; prints test accuracy, the final norm of the conv weights "
+        "and the mean effective step size lr/|w|^2 (mean +- std over seeds); writes results.json, "
+        "accuracy.png, weight_norm.png, effective_step.png and compare.png. Baselines are torch.optim.SGD "
+        "(nesterov) and torch.optim.AdamW; SGDP and AdamP get the same hyperparameters. Data: the 14x14 "
+        "subset shipped with the package, or the full set (--data-dir, $" + fashion_mnist.ENV_VAR + ", or "
+        "Debian's dataset-fashion-mnist); never downloads.",
+    )
+
+    def opt(flag: str, kind: Callable[[str], Any], default: Any, metavar: str, text: str, *aliases: str) -> None:
+        p.add_argument(flag, *aliases, type=kind, default=default, metavar=metavar, help=f"{text} (default: {default})")
+
+    opt("--epochs", _positive_int, d.epochs, "N", "epochs per run")
+    opt("--seeds", _positive_int, d.seeds, "N", "seeds per optimizer")
+    opt("--first-seed", _nonneg_int, d.first_seed, "S", "first seed; the runs use S, S+1, ...")
+    opt("--image-size", _int_at_least(4), d.image_size, "PX", "image side, 4..28; above 14 needs the full set")
+    opt("--train-size", _int_at_least(10), d.train_size, "N", "training images, the first N/10 per class", "--subset")
+    opt("--test-size", _positive_int, d.test_size, "N", "test images, the first N/10 per class")
+    opt("--batch-size", _int_at_least(2), d.batch_size, "N", "batch size")
+    opt("--width", _positive_int, d.width, "C", "channels of the first conv layer (then 2C, 4C)")
+    p.add_argument(
+        "--optimizers",
+        type=_optimizer_list,
+        default=list(d.optimizers),
+        metavar="LIST",
+        help=f"comma-separated, among {','.join(compare.OPTIMIZERS)} (default: all)",
+    )
+    opt("--sgd-lr", _nonneg_float, d.sgd_lr, "LR", "SGD/SGDP learning rate")
+    opt("--momentum", _momentum, d.momentum, "M", "SGD/SGDP momentum (nesterov)")
+    opt("--sgd-weight-decay", _nonneg_float, d.sgd_weight_decay, "WD", "SGD/SGDP weight decay")
+    opt("--adam-lr", _nonneg_float, d.adam_lr, "LR", "AdamW/AdamP learning rate")
+    opt("--adam-weight-decay", _nonneg_float, d.adam_weight_decay, "WD", "AdamW/AdamP decoupled weight decay")
+    p.add_argument(
+        "--schedule",
+        choices=("cosine", "constant"),
+        default=d.schedule,
+        help=f"learning-rate schedule over the run (default: {d.schedule})",
+    )
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=None,
+        help=f"folder with the full Fashion-MNIST idx files (default: ${fashion_mnist.ENV_VAR}, then "
+        f"{fashion_mnist.DEBIAN_DIR}, then the 14x14 subset shipped with the package: 20000 + 5000 images)",
+    )
+    threads = (
+        "CPU threads for torch (default: 1; this model gains little from more, and more is slow on a busy machine)"
+    )
+    _common(p, "results/compare", threads)
+
+    # main() hands everything after "bench" to torch_adamp.benchmark.main, --help included
+    sub.add_parser("bench", help=BENCH_HELP, description=BENCH_HELP, add_help=False)
+    return parser
+
+
+# -- subcommands -------------------------------------------------------------------------
+def _prepare(args: argparse.Namespace) -> Path:
+    require("matplotlib")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the output folder {out}: {e.strerror}") from None
+    return out
+
+
+def run_toy(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
+    from .experiments import plots
+
+    out = _prepare(args)
+    total = args.steps * len(args.momenta) * 2 + args.steps + args.steps_3d * len(toy.METHODS_3D)
+    with progress_bar(total=total, unit="step", desc="toy", quiet=args.quiet) as bar:
+        r2 = toy.run_2d(args.momenta, steps=args.steps, lr=args.lr, on_step=bar.update)
+        r3 = toy.run_3d(steps=args.steps_3d, on_step=bar.update)
+    log(toy.format_table_2d(r2, steps=args.steps, lr=args.lr))
+    log("")
+    log(toy.format_table_3d(r3, steps=args.steps_3d))
+    (out / "toy_results.json").write_text(json.dumps(toy.summary(r2, r3), indent=2) + "\n")
+    paths = plots.toy_2d(r2, out, args.lr) + plots.toy_3d(r3, out)
+    log("")
+    log(f"wrote {out / 'toy_results.json'} and " + ", ".join(p.name for p in paths))
+    return 0
+
+
+def run_compare(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
+    from .experiments import plots
+
+    out = _prepare(args)
+    cfg = compare.Config(
+        epochs=args.epochs,
+        seeds=args.seeds,
+        first_seed=args.first_seed,
+        image_size=args.image_size,
+        train_size=args.train_size,
+        test_size=args.test_size,
+        batch_size=args.batch_size,
+        width=args.width,
+        optimizers=tuple(args.optimizers),
+        sgd_lr=args.sgd_lr,
+        momentum=args.momentum,
+        sgd_weight_decay=args.sgd_weight_decay,
+        adam_lr=args.adam_lr,
+        adam_weight_decay=args.adam_weight_decay,
+        schedule=args.schedule,
+        data_dir=args.data_dir,
+        threads=args.threads,
+    )
+    start = time.perf_counter()
+    try:
+        results = compare.run(cfg, quiet=args.quiet, log=log)
+    except fashion_mnist.DataError as e:
+        raise UsageError(str(e)) from None
+    log("")
+    log(compare.format_table(results["summary"]))
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    paths = plots.compare_plots(results, out)
+    log("")
+    log(f"{time.perf_counter() - start:.0f} s; wrote {out / 'results.json'} and " + ", ".join(p.name for p in paths))
+    return 0
+
+
+def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
+    name = f"{__package__}.benchmark"
+    try:
+        benchmark = importlib.import_module(name)  # imported only here: absent from some installations
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise MissingDependency(f"the benchmark needs {e.name}, which is not installed") from None
+        if any(a in ("-h", "--help") for a in args.args):
+            log(f"usage: torch-adamp bench [ARGS ...]\n\n{BENCH_HELP}.")
+        raise UsageError("torch_adamp.benchmark is not available in this installation") from None
+    rc = benchmark.main(list(args.args))
+    return int(rc or 0)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "toy": run_toy,
+    "compare": run_compare,
+    "bench": run_bench,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``torch-adamp``; returns the exit status."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # everything after "bench" belongs to the benchmark, --help included
+        args = argparse.Namespace(command="bench", args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, MissingDependency) as e:
+        print(f"torch-adamp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"torch-adamp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _entry() -> Any:  # pragma: no cover - for ``python -m torch_adamp.cli``
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _entry()

@@ -1,0 +1,1 @@
+"""What the ``torch-adamp`` command runs: the toy problems, the Fashion-MNIST comparison, their plots."""

@@ -1,0 +1,292 @@
+"""``torch-adamp compare``: SGD vs SGDP and AdamW vs AdamP on a small BatchNorm CNN (Fashion-MNIST).
+
+Every conv layer is followed by BatchNorm and has no bias, so its weight is
+scale-invariant: only its direction matters, and its norm sets the effective
+step size ``lr / ||w||^2``. The baselines are ``torch.optim.SGD`` and
+``torch.optim.AdamW``; SGDP and AdamP are this package's, with the same
+hyperparameters, on the same images, initial weights and batch order per seed.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import torch_adamp
+
+from . import fashion_mnist
+from .progress import progress_bar
+
+OPTIMIZERS = ("sgd", "sgdp", "adamw", "adamp")
+LABELS = {"sgd": "SGD", "sgdp": "SGDP", "adamw": "AdamW", "adamp": "AdamP"}
+#: each projected optimizer and the torch.optim baseline it is compared with
+PAIRS = (("sgd", "sgdp"), ("adamw", "adamp"))
+BASELINE_CLASSES = {"sgd": "torch.optim.SGD", "adamw": "torch.optim.AdamW"}
+
+
+@dataclass
+class Config:
+    """Everything a ``compare`` run depends on (written to results.json)."""
+
+    epochs: int = 2
+    seeds: int = 3
+    first_seed: int = 0
+    image_size: int = 14
+    train_size: int = 20000
+    test_size: int = 5000
+    batch_size: int = 128
+    width: int = 16
+    optimizers: tuple[str, ...] = OPTIMIZERS
+    sgd_lr: float = 0.1
+    momentum: float = 0.9
+    sgd_weight_decay: float = 1e-4
+    adam_lr: float = 3e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_weight_decay: float = 0.1
+    schedule: str = "cosine"
+    evals_per_epoch: int = 4
+    data_dir: str | None = None
+    threads: int | None = None
+
+
+def make_model(width: int = 16, num_classes: int = 10) -> nn.Sequential:
+    """Three conv-BN-ReLU blocks (no conv bias; the last two stride 2), global pooling, a linear head."""
+    chans = [1, width, 2 * width, 4 * width]
+    layers: list[nn.Module] = []
+    for i in range(3):
+        layers += [
+            nn.Conv2d(chans[i], chans[i + 1], 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+            nn.BatchNorm2d(chans[i + 1]),
+            nn.ReLU(inplace=True),
+        ]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(chans[-1], num_classes)]
+    return nn.Sequential(*layers)
+
+
+def scale_invariant_names(model: nn.Module) -> list[str]:
+    """Names of the conv weights (each followed by BatchNorm, hence scale-invariant)."""
+    return [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def make_optimizer(name: str, model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """torch.optim baselines, or this package's optimizers with ``track_stats=True``."""
+    if name == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=cfg.sgd_lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.sgd_weight_decay
+        )
+    if name == "sgdp":
+        return torch_adamp.SGDP(
+            model.named_parameters(),
+            lr=cfg.sgd_lr,
+            momentum=cfg.momentum,
+            nesterov=True,
+            weight_decay=cfg.sgd_weight_decay,
+            track_stats=True,
+        )
+    if name == "adamw":
+        return torch.optim.AdamW(
+            model.parameters(), lr=cfg.adam_lr, betas=cfg.betas, weight_decay=cfg.adam_weight_decay
+        )
+    if name == "adamp":
+        return torch_adamp.AdamP(
+            model.named_parameters(),
+            lr=cfg.adam_lr,
+            betas=cfg.betas,
+            weight_decay=cfg.adam_weight_decay,
+            track_stats=True,
+        )
+    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000) -> float:
+    """Test accuracy in percent (eval mode, BatchNorm running statistics)."""
+    was_training = model.training
+    model.eval()
+    correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(y), batch))
+    model.train(was_training)
+    return 100.0 * correct / len(y)
+
+
+def _weight_stats(
+    opt: torch.optim.Optimizer, model: nn.Module, names: list[str]
+) -> tuple[list[float], list[float], list[bool] | None]:
+    """Per scale-invariant weight after the last step: norm, effective step size ``lr / ||w||^2`` and,
+    for SGDP/AdamP, whether the optimizer projected it (from ``opt.stats()``)."""
+    if isinstance(opt, (torch_adamp.SGDP, torch_adamp.AdamP)):
+        s = opt.stats()
+        return (
+            [s[f"{n}/weight_norm"] for n in names],
+            [s[f"{n}/lr_over_norm_sq"] for n in names],
+            [s[f"{n}/view"] > 0 for n in names],
+        )
+    params = dict(model.named_parameters())
+    lr = float(opt.param_groups[0]["lr"])
+    norms = [float(params[n].detach().norm()) for n in names]
+    return norms, [lr / v**2 for v in norms], None
+
+
+@dataclass
+class RunResult:
+    optimizer: str
+    seed: int
+    test_accuracy: float
+    final_weight_norm: float  # norm of all scale-invariant weights together
+    mean_effective_step: float  # lr / ||w||^2, averaged over the conv weights and the logged steps
+    projected_fraction: float | None  # SGDP/AdamP: share of (logged step, conv weight) pairs projected
+    seconds: float
+    curves: dict[str, list[float]] = field(default_factory=dict)
+
+
+def train_one(
+    name: str,
+    seed: int,
+    data: fashion_mnist.Dataset,
+    cfg: Config,
+    on_step: Callable[[float], None] | None = None,
+) -> RunResult:
+    """Train one model with one optimizer and seed; record accuracy, weight norms and effective step sizes."""
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    model = make_model(cfg.width)
+    names = scale_invariant_names(model)
+    opt = make_optimizer(name, model, cfg)
+    n = len(data.train_y)
+    bs = min(cfg.batch_size, n)
+    steps_per_epoch = n // bs
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
+    else:
+        sched = None
+    log_every = max(1, total // 100)
+    eval_at = {round(steps_per_epoch * k / cfg.evals_per_epoch) for k in range(1, cfg.evals_per_epoch * cfg.epochs + 1)}
+    eval_at = {s for s in eval_at if s > 0}
+    curves: dict[str, list[float]] = {
+        "eval_epoch": [0.0],
+        "accuracy": [accuracy(model, data.test_x, data.test_y)],
+        "log_epoch": [],
+        "weight_norm": [],
+        "effective_step": [],
+    }
+    gen = torch.Generator().manual_seed(seed)
+    step = 0
+    projected: list[bool] = []
+    model.train()
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n, generator=gen)
+        for b in range(steps_per_epoch):
+            idx = order[b * bs : (b + 1) * bs]
+            loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % log_every == 0 or step == total:
+                norms, eff, proj = _weight_stats(opt, model, names)
+                projected += proj or []
+                curves["log_epoch"].append(step / steps_per_epoch)
+                curves["weight_norm"].append(math.sqrt(sum(v * v for v in norms)))
+                curves["effective_step"].append(statistics.fmean(eff))
+            if sched is not None:
+                sched.step()
+            if step in eval_at:
+                curves["eval_epoch"].append(step / steps_per_epoch)
+                curves["accuracy"].append(accuracy(model, data.test_x, data.test_y))
+            if on_step is not None:
+                on_step(loss.item())
+    return RunResult(
+        optimizer=name,
+        seed=seed,
+        test_accuracy=curves["accuracy"][-1],
+        final_weight_norm=curves["weight_norm"][-1],
+        mean_effective_step=statistics.fmean(curves["effective_step"]),
+        projected_fraction=statistics.fmean(projected) if projected else None,
+        seconds=time.perf_counter() - start,
+        curves=curves,
+    )
+
+
+def steps_per_run(cfg: Config, train_size: int) -> int:
+    return cfg.epochs * (train_size // min(cfg.batch_size, train_size))
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(runs: Sequence[RunResult], optimizers: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per optimizer: mean and standard deviation (over seeds, n-1) of the final numbers."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in optimizers:
+        mine = [r for r in runs if r.optimizer == name]
+        acc, acc_sd = _mean_std([r.test_accuracy for r in mine])
+        norm, norm_sd = _mean_std([r.final_weight_norm for r in mine])
+        eff, eff_sd = _mean_std([r.mean_effective_step for r in mine])
+        out[name] = {
+            "label": LABELS[name],
+            "implementation": BASELINE_CLASSES.get(name, f"torch_adamp.{LABELS[name]}"),
+            "seeds": [r.seed for r in mine],
+            "test_accuracy_mean": acc,
+            "test_accuracy_std": acc_sd,
+            "weight_norm_mean": norm,
+            "weight_norm_std": norm_sd,
+            "effective_step_mean": eff,
+            "effective_step_std": eff_sd,
+        }
+    return out
+
+
+def format_table(summary: dict[str, dict[str, Any]]) -> str:
+    """The table ``compare`` prints."""
+    head = f"{'optimizer':<10} {'test acc (%)':>15} {'conv-weight norm':>18} {'mean lr/|w|^2':>15}  implementation"
+    lines = [head, "-" * len(head)]
+    for s in summary.values():
+        lines.append(
+            f"{s['label']:<10} {s['test_accuracy_mean']:>7.2f} +- {s['test_accuracy_std']:<4.2f}"
+            f" {s['weight_norm_mean']:>9.2f} +- {s['weight_norm_std']:<5.2f}"
+            f" {s['effective_step_mean']:>15.3e}  {s['implementation']}"
+        )
+    return "\n".join(lines)
+
+
+def run(cfg: Config, *, quiet: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Load the data, train every optimizer with every seed, return the results (see results.json)."""
+    data = fashion_mnist.load(
+        train_size=cfg.train_size, test_size=cfg.test_size, image_size=cfg.image_size, data_dir=cfg.data_dir
+    )
+    seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
+    jobs = [(seed, name) for seed in seeds for name in cfg.optimizers]
+    log(
+        f"Fashion-MNIST ({data.source}): {len(data.train_y)} training / {len(data.test_y)} test images at "
+        f"{cfg.image_size}x{cfg.image_size}; {cfg.epochs} epoch(s), seeds {seeds[0]}..{seeds[-1]}, "
+        f"{torch.get_num_threads()} thread(s)"
+    )
+    runs: list[RunResult] = []
+    start = time.perf_counter()
+    with progress_bar(total=len(jobs) * steps_per_run(cfg, len(data.train_y)), unit="step", quiet=quiet) as bar:
+        for seed, name in jobs:
+            bar.set_description(f"{LABELS[name]} seed {seed}")
+
+            def on_step(loss: float) -> None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+            runs.append(train_one(name, seed, data, cfg, on_step))
+    summary = summarize(runs, cfg.optimizers)
+    return {
+        "config": asdict(cfg),
+        "data_source": data.source,
+        "threads": torch.get_num_threads(),
+        "seconds": time.perf_counter() - start,
+        "summary": summary,
+        "runs": [asdict(r) for r in runs],
+    }

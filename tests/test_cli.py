@@ -1,0 +1,178 @@
+"""The ``torch-adamp`` command: help, errors, and every subcommand at a tiny size."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import torch_adamp
+from torch_adamp import cli
+from torch_adamp.experiments import fashion_mnist
+
+TINY_COMPARE = [
+    "compare",
+    "--epochs=1",
+    "--seeds=1",
+    "--image-size=8",
+    "--train-size=200",
+    "--test-size=50",
+    "--batch-size=20",
+    "--width=4",
+]
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path):
+    """Fresh-machine data sources, and torch's thread count restored afterwards."""
+    monkeypatch.delenv(fashion_mnist.ENV_VAR, raising=False)
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "no-debian")
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "error" in lines[0]
+    return lines[0]
+
+
+# -- help --------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [["--help"], ["toy", "--help"], ["compare", "--help"]])
+def test_help(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: torch-adamp")
+    assert "--quiet" in out or argv == ["--help"]
+
+
+def test_no_subcommand_prints_help(capsys) -> None:
+    assert cli.main([]) == 2
+    assert "toy" in capsys.readouterr().out
+
+
+def test_entry_point_runs_as_a_program() -> None:
+    code = "import sys; from torch_adamp.cli import main; sys.exit(main())"
+    p = subprocess.run([sys.executable, "-c", code, "compare", "--epochs", "0"], capture_output=True, text=True)
+    assert p.returncode == 2
+    _one_error_line(p.stderr)
+
+
+def test_library_import_does_not_load_the_cli_dependencies() -> None:
+    code = (
+        "import sys, torch; before = set(sys.modules); import torch_adamp; "
+        "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in ('matplotlib', 'tqdm')))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.stdout.strip() == "[]", p.stdout + p.stderr
+
+
+# -- errors ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["compare", "--epochs", "0"],
+        ["compare", "--seeds", "x"],
+        ["compare", "--optimizers", "sgd,lion"],
+        ["compare", "--momentum", "1.5"],
+        ["compare", "--schedule", "step"],
+        ["compare", "--bogus"],
+        ["toy", "--momenta", "0.9,2"],
+        ["toy", "--steps", "-3"],
+        ["frobnicate"],
+    ],
+)
+def test_bad_options_give_one_line_and_exit_2(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data-dir", "/nonexistent/fashion-mnist"], "does not exist"),
+        (["--image-size", "20"], "full 28x28"),
+        (["--train-size", "50000"], "between 1 and 20000"),
+    ],
+)
+def test_data_errors_give_one_line_and_exit_2(extra, message, tmp_path, capsys) -> None:
+    assert cli.main([*TINY_COMPARE, "--quiet", "--out", str(tmp_path / "o"), *extra]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert message in line
+
+
+def test_missing_cli_dependency_is_one_line(monkeypatch, tmp_path, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # importlib.util.find_spec -> None: "not installed"
+    assert cli.main(["toy", "--quiet", "--out", str(tmp_path)]) == 2
+    assert "torch-adamp[cli]" in _one_error_line(capsys.readouterr().err)
+
+
+# -- subcommands at a tiny size ------------------------------------------------------------
+def test_toy_writes_its_files(tmp_path, capsys) -> None:
+    out = tmp_path / "toy"
+    assert cli.main(["toy", "--steps", "30", "--steps-3d", "20", "--out", str(out), "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "GD + momentum + projection" in captured.out and "3D toy" in captured.out
+    assert "step" in captured.err  # the progress bar
+    for name in ["toy2d_trajectories.png", "toy2d_norms.png", "toy3d_path.png", "toy3d_radius.png"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    data = json.loads((out / "toy_results.json").read_text())
+    assert set(data["toy2d"]) == {"0.9", "0.95", "0.99"}
+    assert set(data["toy3d"]) == {"momentum", "weight_decay", "projection"}
+
+
+def test_compare_writes_its_files(tmp_path, capsys) -> None:
+    out = tmp_path / "cmp"
+    assert cli.main([*TINY_COMPARE, "--out", str(out), "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    for label in ["SGD ", "SGDP", "AdamW", "AdamP", "+-"]:
+        assert label in captured.out
+    assert "shipped" in captured.out
+    assert "SGDP seed 0" in captured.err  # the progress bar
+    for name in ["accuracy.png", "weight_norm.png", "effective_step.png", "compare.png"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    results = json.loads((out / "results.json").read_text())
+    assert results["threads"] == 1 and results["config"]["threads"] == 1
+    assert set(results["summary"]) == {"sgd", "sgdp", "adamw", "adamp"}
+
+
+def test_compare_quiet_threads_and_optimizer_list(tmp_path, capsys) -> None:
+    out = tmp_path / "cmp"
+    argv = [*TINY_COMPARE, "--out", str(out), "--quiet", "--threads", "2", "--optimizers", "adamw,adamp"]
+    argv += ["--train-size", "40"]  # two steps: two threads may be slow on a busy machine
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert torch.get_num_threads() == 2
+    results = json.loads((out / "results.json").read_text())
+    assert results["threads"] == 2
+    assert list(results["summary"]) == ["adamw", "adamp"]
+
+
+# -- bench ---------------------------------------------------------------------------------
+def test_bench_without_the_benchmark_module(monkeypatch, capsys) -> None:
+    monkeypatch.delattr(torch_adamp, "benchmark", raising=False)
+    monkeypatch.setitem(sys.modules, "torch_adamp.benchmark", None)
+    assert cli.main(["bench", "--steps", "3"]) == 2
+    assert "torch_adamp.benchmark" in _one_error_line(capsys.readouterr().err)
+
+
+def test_bench_forwards_its_arguments(monkeypatch) -> None:
+    seen: list[list[str]] = []
+    fake = types.ModuleType("torch_adamp.benchmark")
+    fake.main = lambda argv: seen.append(argv) or 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch_adamp.benchmark", fake)
+    monkeypatch.setattr(torch_adamp, "benchmark", fake, raising=False)
+    assert cli.main(["bench", "--help"]) == 0
+    assert cli.main(["bench", "--steps", "3", "--foreach"]) == 0
+    assert seen == [["--help"], ["--steps", "3", "--foreach"]]
