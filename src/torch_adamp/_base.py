@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import projection
+from . import _update, distributed, projection
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
@@ -64,12 +64,16 @@ class ProjectedOptimizer(Optimizer):
         self._check_group(merged)
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
+        param_group["params"] = params
         for i, p in enumerate(params):
+            name, p = p if isinstance(p, tuple) else (None, p)
             if isinstance(p, Tensor) and p.is_complex():
+                what = f"parameter {name!r}" if name is not None else self._describe(param_group, i, p)
                 raise ValueError(
-                    f"{self._describe(param_group, i, p)} is complex; {type(self).__name__} does not support "
-                    "complex parameters (pass torch.view_as_real(p) as a real parameter instead)"
+                    f"{what} is complex; {type(self).__name__} does not support complex parameters "
+                    "(pass torch.view_as_real(p) as a real parameter instead)"
                 )
+        distributed.check_flat(merged, params, lambda i, p: self._describe(param_group, i, p), type(self).__name__)
         super().add_param_group(param_group)
 
     # -- the step ----------------------------------------------------------------------
@@ -87,20 +91,29 @@ class ProjectedOptimizer(Optimizer):
         self._check_grads()
         before = self._stats_before()
         all_views: dict[Tensor, Tensor] = {}
+        jobs = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            views: list[Tensor | None] | None = [None] * len(params) if group["track_stats"] else None
-            self._step_group(group, params, views)
+            if params:
+                jobs.append((group, params, [None] * len(params) if group["track_stats"] else None))
+        # one after the other; as coroutines when several groups hold sharded weights (one collective)
+        distributed.run_group_steps(self._step_group, jobs)
+        for _, params, views in jobs:
             if views is not None:
                 all_views.update((p, v) for p, v in zip(params, views, strict=True) if v is not None)
         self._stats_after(before, all_views)
         return loss
 
-    def _dist(self, params: list[Tensor]) -> Any:
-        """Sharding helper for DTensor parameters (None for plain tensors)."""
-        return None
+    def _dist(self, group: dict[str, Any], params: list[Tensor], *lists: list[Any]) -> tuple[Any, list[list[Any]]]:
+        """Sharded parameters (see :mod:`torch_adamp.distributed`): ``(dist, [params, *lists])``.
+
+        ``dist`` is the sharding helper of the multi-tensor path, ``None`` when
+        no parameter is a DTensor; DTensors in the lists become their local
+        shards. Flat 1-D shards (FSDP1) are refused here.
+        """
+        return distributed.localize(
+            group, params, *lists, describe=lambda i, p: self._describe(group, i, p), optimizer=type(self).__name__
+        )
 
     # -- helpers for step() ----------------------------------------------------------
     @staticmethod
@@ -128,9 +141,10 @@ class ProjectedOptimizer(Optimizer):
         return torch.tensor(0.0, dtype=torch.float32)
 
     @staticmethod
-    def _zeros_state(p: Tensor) -> Tensor:
-        """Moments are float32 for half-precision parameters."""
-        dtype = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+    def _zeros_state(p: Tensor, group: dict[str, Any]) -> Tensor:
+        """Moments of half-precision parameters are float32 unless ``fp32_state=False``."""
+        low = p.dtype in (torch.float16, torch.bfloat16)
+        dtype = torch.float32 if low and group.get("fp32_state", True) else p.dtype
         return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -163,81 +177,111 @@ class ProjectedOptimizer(Optimizer):
                     st[name] = self._new_step(p, group).fill_(float(v))
                 elif name == "step" and group.get("capturable"):
                     st[name] = v.to(device=p.device, dtype=torch.float32)
-                elif isinstance(v, Tensor) and v.is_floating_point() and p.dtype in (torch.float16, torch.bfloat16):
+                elif (
+                    isinstance(v, Tensor)
+                    and v.is_floating_point()
+                    and p.dtype in (torch.float16, torch.bfloat16)
+                    and group.get("fp32_state", True)
+                ):
                     st[name] = v.to(device=p.device, dtype=torch.float32)
 
     # -- statistics ------------------------------------------------------------------
-    def _stats_before(self) -> list[tuple[Tensor, Tensor]] | None:
-        if not any(g.get("track_stats") for g in self.param_groups):
-            return None
-        return [
-            (p, p.detach().clone())
-            for g in self.param_groups
-            if g.get("track_stats")
-            for p in g["params"]
-            if p.grad is not None
-        ]
+    # Kept in ``self._last_stats``, not in ``self.state``: they never enter
+    # ``state_dict()`` (checkpoints are the same with and without track_stats and
+    # stay loadable by the reference package) and only the last step is kept.
+    # With track_stats off on every group, the step does no tensor work for them.
+    _last_stats: list[tuple[list[Tensor], float | Tensor, Tensor]]  # (params, lr, rows) per chunk
 
-    def _stats_after(self, before: list[tuple[Tensor, Tensor]] | None, views: dict[Tensor, Tensor]) -> None:
+    def _stats_before(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]] | None:
+        """Copies of the tracked parameters that have a gradient, taken before the step."""
+        tracked = []
+        for group in self.param_groups:
+            if group.get("track_stats"):
+                params = [p for p in group["params"] if p.grad is not None]
+                if params:
+                    tracked.append((group, params, [p.detach().clone() for p in params]))
+        return tracked or None
+
+    def _stats_after(
+        self,
+        before: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]] | None,
+        views: dict[Tensor, Tensor],
+    ) -> None:
+        """Per tracked parameter, on its device (no host sync): view, norms before/after, angle."""
         if before is None:
+            if getattr(self, "_last_stats", None):
+                self._last_stats = []
             return
-        for p, old in before:
-            st = self.state[p]
-            new = p.detach().float()
-            old = old.float()
-            n_new = torch.linalg.vector_norm(new)
-            n_old = torch.linalg.vector_norm(old)
-            # angle between w_t and w_{t+1}, stable for tiny angles: 2 asin(|w'/|w'| - w/|w||/2)
-            chord = torch.linalg.vector_norm(new / n_new.clamp_min(1e-30) - old / n_old.clamp_min(1e-30))
-            st["stat_view"] = views.get(p, torch.zeros((), dtype=torch.long, device=p.device)).clone()
-            st["stat_weight_norm"] = n_new
-            st["stat_angle"] = 2 * torch.asin((chord / 2).clamp(max=1.0))
+        chunks = []
+        for group, params, olds in before:
+            lr = group["lr"]
+            lr = lr.detach().clone() if isinstance(lr, Tensor) else float(lr)
+            for idx in _update.group_by_device_and_dtype(range(len(params)), params).values():
+                ps = [params[i] for i in idx]
+                new = [_update.upcast(p.detach()) for p in ps]
+                old = [_update.upcast(olds[i]) for i in idx]
+                if any(distributed.is_dtensor(p) for p in ps):  # FSDP2: from local shards, one all_reduce
+                    n_old, n_new, angle = distributed.norm_stats(new, old)
+                else:
+                    n_new = torch.stack(torch._foreach_norm(new))
+                    n_old = torch.stack(torch._foreach_norm(old))
+                    # angle between w_t and w_{t+1}, accurate for tiny angles: 2 asin(chord / 2) with the
+                    # chord |w'/|w'| - w/|w||, computed in place on the copy as |w (|w'|/|w|) - w'| / |w'|
+                    tiny = torch.finfo(n_new.dtype).tiny
+                    torch._foreach_mul_(old, list((n_new / n_old.clamp_min(tiny)).unbind()))
+                    torch._foreach_sub_(old, new)
+                    chord = torch.stack(torch._foreach_norm(old)) / n_new.clamp_min(tiny)
+                    angle = 2 * torch.asin((chord / 2).clamp(max=1.0))
+                    angle = torch.where((n_new > 0) & (n_old > 0), angle, math.nan)  # undefined at w = 0
+                none = torch.zeros((), dtype=torch.long, device=n_new.device)
+                view = torch.stack([views.get(p, none) for p in ps]).to(n_new.dtype)
+                chunks.append((ps, lr, torch.stack([view, n_old, n_new, angle], dim=1)))
+        self._last_stats = chunks
 
     def stats(self) -> dict[str, float]:
-        """Statistics of the last step, as a flat ``{name: float}`` dict (host sync here only).
+        """Statistics of the last step, as a flat ``{key: float}`` dict; the only host sync of ``track_stats``.
 
-        Needs ``track_stats=True`` on the groups of interest. Keys, per
-        parameter ``<name>`` (the name given with ``named_parameters()``, else
-        ``group<g>.param<i>``): ``<name>/view`` (0 none, 1 channel, 2 layer),
-        ``<name>/weight_norm``, ``<name>/angular_update`` (radians between the
-        weight before and after the step), ``<name>/lr_over_norm_sq``
-        (``lr / ||w||^2``, the effective step size of a scale-invariant weight);
-        and ``projected_fraction``: the fraction of tracked parameters projected.
+        Covers the parameters of groups with ``track_stats=True`` that had a
+        gradient at the last step. Keys, per parameter ``<name>`` (its name when
+        the optimizer was given ``named_parameters()``, else ``group<g>.param<i>``),
+        in parameter order:
+
+        * ``<name>/view``: the view the projection used: 0 none, 1 channel, 2 layer;
+        * ``<name>/weight_norm``: ``||w||`` after the step;
+        * ``<name>/angular_update``: angle in radians between ``w`` before and
+          after the step (the effective step size; NaN when either is zero);
+        * ``<name>/lr_over_norm_sq``: ``lr / ||w||^2`` with ``w`` before the step
+          (the effective step size of SGD on a scale-invariant weight);
+
+        and ``projected_fraction`` / ``projected_numel_fraction``: the fraction
+        of the tracked parameters with at least 2 dimensions (by count / by
+        number of elements) that were projected. Empty when nothing is tracked.
         """
-        keys: list[str] = []
-        values: list[Tensor] = []
-        lrs: list[float] = []
+        rows: dict[Tensor, tuple[list[float], float]] = {}
+        for params, lr, table in getattr(self, "_last_stats", None) or []:
+            lr_f = float(lr.item()) if isinstance(lr, Tensor) else lr
+            rows.update((p, (r, lr_f)) for p, r in zip(params, table.tolist(), strict=True))
+        out: dict[str, float] = {}
+        if not rows:
+            return out
+        counts = [0, 0, 0, 0]  # projected, eligible, projected numel, eligible numel
         for gi, group in enumerate(self.param_groups):
-            if not group.get("track_stats"):
-                continue
             names = group.get("param_names")
             for i, p in enumerate(group["params"]):
-                st = self.state.get(p, {})
-                if "stat_weight_norm" not in st:
+                if p not in rows:
                     continue
+                (view, n_old, n_new, angle), lr = rows[p]
                 name = names[i] if names is not None else f"group{gi}.param{i}"
-                keys.append(name)
-                values.append(
-                    torch.stack(
-                        [
-                            st["stat_view"].float().cpu(),
-                            st["stat_weight_norm"].float().cpu(),
-                            st["stat_angle"].float().cpu(),
-                        ]
-                    )
-                )
-                lr = group["lr"]
-                lrs.append(float(lr.item()) if isinstance(lr, Tensor) else float(lr))
-        out: dict[str, float] = {}
-        if not keys:
-            return out
-        table = torch.stack(values).tolist()
-        projected = 0
-        for name, (view, norm, angle), lr in zip(keys, table, lrs, strict=True):
-            out[f"{name}/view"] = view
-            out[f"{name}/weight_norm"] = norm
-            out[f"{name}/angular_update"] = angle
-            out[f"{name}/lr_over_norm_sq"] = lr / norm**2 if norm > 0 else math.inf
-            projected += view > 0
-        out["projected_fraction"] = projected / len(keys)
+                out[f"{name}/view"] = view
+                out[f"{name}/weight_norm"] = n_new
+                out[f"{name}/angular_update"] = angle
+                out[f"{name}/lr_over_norm_sq"] = lr / n_old**2 if n_old != 0 else math.inf
+                if projection.projectable(p):
+                    projected = view > 0
+                    counts[0] += projected
+                    counts[1] += 1
+                    counts[2] += projected * p.numel()
+                    counts[3] += p.numel()
+        out["projected_fraction"] = counts[0] / counts[1] if counts[1] else 0.0
+        out["projected_numel_fraction"] = counts[2] / counts[3] if counts[3] else 0.0
         return out

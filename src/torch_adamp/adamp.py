@@ -17,13 +17,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _update, projection
+from . import _fused, _update, projection
 from ._base import ParamsT, ProjectedOptimizer
 
 
+def _log(beta: float) -> float:
+    return math.log(beta) if beta > 0 else -math.inf  # beta = 0: -expm1(-inf) = 1, like 1 - 0**t
+
+
 def _bias_corrections(step_t: Tensor, beta1: float, beta2: float, as_tensor: bool) -> tuple[Any, Any]:
-    if as_tensor:
-        return 1 - torch.pow(beta1, step_t), (1 - torch.pow(beta2, step_t)).sqrt()
+    if as_tensor:  # 1 - b^t = -expm1(t log b): no float32 cancellation (1 - 0.999 loses 4 digits)
+        return -torch.expm1(step_t * _log(beta1)), (-torch.expm1(step_t * _log(beta2))).sqrt()
     step = step_t.item()  # a CPU tensor: no device synchronisation
     return 1 - beta1**step, math.sqrt(1 - beta2**step)
 
@@ -115,11 +119,13 @@ def _multi_tensor_adamp(
 
         denom = torch._foreach_sqrt(V)
         if as_tensor:
-            bc1 = torch._foreach_sub(torch._foreach_pow(beta1, S), 1.0)  # = -(1 - b1^t)
+            # 1 - b^t = -expm1(t log b), accurate in float32 (1 - pow(b, t) is not: 1e-5 off at b2 = 0.999)
+            bc1 = torch._foreach_mul(S, _log(beta1))
+            torch._foreach_expm1_(bc1)
             torch._foreach_neg_(bc1)
-            sqrt_bc2 = torch._foreach_pow(beta2, S)
+            sqrt_bc2 = torch._foreach_mul(S, _log(beta2))
+            torch._foreach_expm1_(sqrt_bc2)
             torch._foreach_neg_(sqrt_bc2)
-            torch._foreach_add_(sqrt_bc2, 1.0)
             torch._foreach_sqrt_(sqrt_bc2)
             torch._foreach_div_(denom, sqrt_bc2)
             step_sizes: list[Any] = [lr / b for b in bc1]
@@ -209,10 +215,9 @@ def adamp(
         scale_invariant=scale_invariant,
         views=views,
     )
-    if fused:
-        from ._fused import fused_adamp
-
-        fused_adamp(params, grads, exp_avgs, exp_avg_sqs, state_steps, dist=dist, **kwargs)
+    # default (both None): the fused native kernel on CPU when it is available, else multi-tensor
+    if fused or (fused is None and foreach is None and dist is None and _fused.default_is_fused(params)):
+        _fused.fused_adamp(params, grads, exp_avgs, exp_avg_sqs, state_steps, dist=dist, default=not fused, **kwargs)
     elif foreach or foreach is None or dist is not None:
         _multi_tensor_adamp(params, grads, exp_avgs, exp_avg_sqs, state_steps, dist=dist, **kwargs)
     else:

@@ -145,6 +145,11 @@ def projection_coefficients(
     rows of tensor ``i`` are themselves split across ranks (``Shard(d>=1)``),
     and ``all_reduce`` sums a 1-D tensor in place over the shard group. It is
     called exactly once, on one packed tensor, whatever the number of tensors.
+    The packed layout is part of the protocol (:mod:`torch_adamp.distributed`
+    relies on it to keep whole, unsharded tensors out of the sum): first 5
+    numbers per tensor, in order (channel-test failures, ``<p,g>``, ``||p||^2``,
+    ``||g||^2``, ``<p,u>``), then, only if some ``rows_split[i]``, the 4 row
+    sums of every row of those tensors, in order.
     """
     n = len(params)
     device, dtype = params[0].device, params[0].dtype

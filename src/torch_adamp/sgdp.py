@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _update, projection
+from . import _fused, _update, projection
 from ._base import ParamsT, ProjectedOptimizer, _check_nonneg
 
 
@@ -160,10 +160,9 @@ def sgdp(
         scale_invariant=scale_invariant,
         views=views,
     )
-    if fused:
-        from ._fused import fused_sgdp
-
-        fused_sgdp(params, grads, momentum_buffers, dist=dist, **kwargs)
+    # default (both None): the fused native kernel on CPU when it is available, else multi-tensor
+    if fused or (fused is None and foreach is None and dist is None and _fused.default_is_fused(params)):
+        _fused.fused_sgdp(params, grads, momentum_buffers, dist=dist, default=not fused, **kwargs)
     elif foreach or foreach is None or dist is not None:
         _multi_tensor_sgdp(params, grads, momentum_buffers, dist=dist, **kwargs)
     else:
@@ -191,7 +190,13 @@ class SGDP(ProjectedOptimizer):
             buffer is projected along with the update. ``False``: the buffer
             keeps the raw gradients (paper box, timm, pytorch_optimizer).
         scale_invariant: ``"auto"``, ``"channel"``, ``"layer"`` or ``False``.
-        maximize, foreach, fused, track_stats, fp32_state: as in :class:`~torch_adamp.AdamP`.
+        maximize: maximise the objective.
+        foreach: multi-tensor implementation (default on); ``False`` runs the
+            per-tensor reference-order loop (bitwise equal to ``adamp``).
+        fused: compiled implementation (``torch.compile``).
+        track_stats: record per-parameter statistics, read with :meth:`stats`.
+        fp32_state: moments of float16/bfloat16 parameters in float32 (default)
+            or in the parameter dtype; the math always runs in float32.
     """
 
     def __init__(

@@ -1,0 +1,474 @@
+"""Sharded parameters: FSDP2 / DTensor support, and the refusal of flat shards.
+
+AdamP and SGDP need, per weight, quantities of the *whole* tensor: the cosine
+test of the channel view is per row, but the layer view and "does any row
+fail" are global. Under FSDP2 (``torch.distributed.fsdp.fully_shard``) the
+parameters, gradients and optimizer states are DTensors placed ``Shard(d)``:
+
+* the math runs on the local shards (``to_local()`` views, so every in-place
+  update lands in the sharded storage; no DTensor op, no hidden collective);
+* thresholds use the global shapes (DTensor ``.shape``);
+* the global sums the decision and the layer-view projection need are packed,
+  for all parameters together, into ONE tensor and summed with ONE
+  ``all_reduce`` over the process group of the mesh dimension the parameters
+  are sharded on (with HSDP, the shard group only, never the replicate group).
+  See :func:`torch_adamp.projection.projection_coefficients` for the packing.
+  Parameter groups are stepped as coroutines when more than one of them needs
+  a reduction, so that their requests merge into that one collective too.
+
+With ``Shard(0)`` rows are whole on one rank; with ``Shard(d >= 1)`` rows are
+split and their partial sums are reduced as well (4 numbers per row).
+Parameters that are whole on every rank (plain tensors, ``Replicate``
+DTensors, a mesh dimension of size 1) keep their local numbers: they take no
+part in the sum even when they share the packed tensor.
+
+Flat 1-D shards (FSDP1 ``FlatParameter``, FSDP1 ``use_orig_params=True``
+sharded views) hide the weight's shape, so the projection could never apply
+and AdamP would silently become AdamW: they are refused with
+:class:`FlatParameterError`, unless their group sets ``scale_invariant=False``
+(no projection wanted). Flat buffers that carry no marker at all (DeepSpeed
+ZeRO-1/2 partitions) cannot be detected; see docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _update
+
+__all__ = ["FlatParameterError", "ShardedStep", "check_flat", "is_dtensor", "localize", "norm_stats", "run_group_steps"]
+
+
+class FlatParameterError(ValueError):
+    """A parameter is a flat 1-D shard whose original shape the optimizer cannot see."""
+
+
+# -- DTensor, looked up lazily: importing torch.distributed.tensor costs seconds, and
+#    no DTensor can exist before something else imported it
+def _dtensor_api() -> Any:
+    return sys.modules.get("torch.distributed.tensor._api")
+
+
+def is_dtensor(t: object) -> bool:
+    api = _dtensor_api()
+    return api is not None and isinstance(t, api.DTensor)
+
+
+# -- flat shards ---------------------------------------------------------------------
+def _is_flat(p: Tensor) -> bool:
+    """FSDP1 marks its ``FlatParameter`` and the original parameters it flattened."""
+    return p.dim() < 2 and (getattr(p, "_fsdp_flattened", False) or getattr(p, "_is_flat_param", False))
+
+
+def _flat_message(what: str, p: Tensor, optimizer: str) -> str:
+    fqns = getattr(p, "_fqns", None)
+    if fqns:
+        shown = ", ".join(repr(f) for f in fqns[:6]) + (", ..." if len(fqns) > 6 else "")
+        what = f"{what} (an FSDP1 FlatParameter holding {shown})"
+    return (
+        f"{what} is a flat 1-D shard (FSDP1, or another wrapper that flattens parameters): {optimizer} cannot see "
+        "the weight's shape, so the scale-invariance test and the projection could never apply and it would "
+        "silently behave like AdamW/SGD. Use FSDP2 (torch.distributed.fsdp.fully_shard), whose DTensor "
+        f"parameters {optimizer} supports exactly, or DDP / ZeroRedundancyOptimizer. If you do not want the "
+        "projection for these parameters, put them in a parameter group with scale_invariant=False."
+    )
+
+
+def check_flat(
+    group: dict[str, Any], params: Sequence[Any], describe: Callable[[int, Tensor], str], optimizer: str
+) -> None:
+    """Raise :class:`FlatParameterError` for a flat shard in a group that wants the projection.
+
+    ``params`` may hold ``(name, tensor)`` pairs; ``describe(i, p)`` names
+    parameter ``i`` of the group in the message.
+    """
+    if group.get("scale_invariant") is False:
+        return
+    for i, p in enumerate(params):
+        name, p = p if isinstance(p, tuple) else (None, p)
+        if isinstance(p, Tensor) and _is_flat(p):
+            what = f"parameter {name!r}" if name is not None else describe(i, p)
+            raise FlatParameterError(_flat_message(what, p, optimizer))
+
+
+# -- layouts ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Layout:
+    shape: tuple[int, ...]  # global shape
+    rows_split: bool  # rows of the channel view split across ranks (Shard(d >= 1))
+    group: Any  # process group to sum over; None when the tensor is whole on this rank
+
+
+def _layout(p: Tensor, project: bool, what: Callable[[], str]) -> _Layout:
+    shape = tuple(p.shape)
+    if not is_dtensor(p):
+        return _Layout(shape, False, None)
+    mesh = p.device_mesh  # type: ignore[attr-defined]
+    sharded = [(d, pl) for d, pl in enumerate(p.placements) if not pl.is_replicate() and mesh.size(d) > 1]  # type: ignore[attr-defined]
+    if not sharded or not project:
+        return _Layout(shape, False, None)
+    from torch.distributed.tensor import Shard
+
+    d, pl = sharded[0]
+    if len(sharded) > 1 or type(pl) is not Shard:
+        raise NotImplementedError(
+            f"{what()} is a DTensor with placements {tuple(p.placements)} on mesh {mesh}: torch_adamp supports "  # type: ignore[attr-defined]
+            "DTensor parameters sharded with Shard(d) on one mesh dimension (FSDP2, HSDP) and replicated on the "
+            "others; for a projected weight, sharding over several mesh dimensions (e.g. FSDP2 + tensor "
+            "parallelism) or Partial placements are not supported yet. Use scale_invariant=False for it."
+        )
+    return _Layout(shape, pl.dim % len(shape) >= 1, mesh.get_group(d))
+
+
+def _projects(p: Tensor, mode: Any) -> bool:
+    return mode is not False and _update.projectable_shape(p.shape)
+
+
+def _needs_reduction(p: Tensor) -> bool:
+    if not is_dtensor(p) or not _update.projectable_shape(p.shape):
+        return False
+    mesh = p.device_mesh  # type: ignore[attr-defined]
+    return any(not pl.is_replicate() and mesh.size(d) > 1 for d, pl in enumerate(p.placements))  # type: ignore[attr-defined]
+
+
+# -- the helper the multi-tensor path talks to ------------------------------------------
+class ShardedStep:
+    """The ``dist`` object of :func:`torch_adamp._update.apply_multi` for one group step.
+
+    It answers for the local tensors handed to the math: their global shapes,
+    whether their rows are split, and sums the packed global quantities over
+    the shard group. Lists may hold the local tensors themselves or float32
+    copies of a whole device/dtype bucket (half-precision parameters).
+    """
+
+    def __init__(self, locals_: Sequence[Tensor], layouts: Sequence[_Layout]) -> None:
+        self._locals = list(locals_)
+        self._layouts = list(layouts)
+        self._known: dict[int, tuple[Tensor, _Layout]] = {
+            id(t): (t, lay) for t, lay in zip(self._locals, self._layouts, strict=True)
+        }
+        self._pending: list[_Layout] | None = None
+
+    def _find(self, tensors: Sequence[Tensor]) -> list[_Layout]:
+        out = []
+        for t in tensors:
+            hit = self._known.get(id(t))
+            if hit is None or hit[0] is not t:
+                return self._find_bucket(tensors)
+            out.append(hit[1])
+        return out
+
+    def _find_bucket(self, tensors: Sequence[Tensor]) -> list[_Layout]:
+        # upcast copies: the tensors are, in order, one device/dtype bucket of the local params
+        key = (tensors[0].device, _update.compute_dtype(tensors[0].dtype))
+        bucket = [
+            (t, lay)
+            for t, lay in zip(self._locals, self._layouts, strict=True)
+            if (t.device, _update.compute_dtype(t.dtype)) == key
+        ]
+        if len(bucket) != len(tensors) or any(b[0].shape != t.shape for b, t in zip(bucket, tensors, strict=True)):
+            raise RuntimeError(
+                "torch_adamp internal error: a sharded step was given tensors that are neither the local shards "
+                "nor a whole device/dtype bucket of them"
+            )
+        for t, (_, lay) in zip(tensors, bucket, strict=True):
+            self._known[id(t)] = (t, lay)
+        return [lay for _, lay in bucket]
+
+    def global_shapes(self, tensors: Sequence[Tensor]) -> list[tuple[int, ...]]:
+        return [lay.shape for lay in self._find(tensors)]
+
+    def rows_split(self, tensors: Sequence[Tensor]) -> list[bool]:
+        """Per tensor, whether its rows are split; also fixes the layout of the next :meth:`all_reduce`."""
+        layouts = self._find(tensors)
+        self._pending = layouts
+        return [lay.rows_split for lay in layouts]
+
+    def all_reduce(self, packed: Tensor) -> None:
+        """Sum ``packed`` (laid out for the tensors of the last :meth:`rows_split`) over the shard group."""
+        layouts, self._pending = self._pending, None
+        if layouts is None:
+            raise RuntimeError("torch_adamp internal error: all_reduce without a preceding rows_split")
+        groups = {id(lay.group): lay.group for lay in layouts if lay.group is not None}
+        if not groups:
+            return  # nothing sharded here: the same on every rank, so no rank calls a collective
+        if len(groups) > 1:
+            raise NotImplementedError(
+                "the parameters of one optimizer step are sharded over different process groups; torch_adamp "
+                "reduces over one shard group per step (put parameters of different meshes in different optimizers)"
+            )
+        (group,) = groups.values()
+        n = len(layouts)
+        expected = 5 * n + 4 * sum(lay.shape[0] for lay in layouts if lay.rows_split)
+        if packed.dim() != 1 or packed.numel() != expected:
+            raise RuntimeError(
+                f"torch_adamp internal error: packed tensor of {packed.numel()} numbers, expected {expected}"
+            )
+        whole = [lay.group is None for lay in layouts]
+        if any(whole):
+            # tensors whole on this rank keep their own numbers: send zeros, put them back after
+            head = packed[: 5 * n].view(n, 5)
+            mask = torch.tensor(whole, device=packed.device).unsqueeze(1)
+            saved = head.clone()
+            head.masked_fill_(mask, 0)
+            _reduce(packed, group)
+            head.copy_(torch.where(mask, saved, head))
+        else:
+            _reduce(packed, group)
+
+
+def localize(
+    group: dict[str, Any],
+    params: Sequence[Tensor],
+    *lists: Sequence[Tensor | None],
+    describe: Callable[[int, Tensor], str],
+    optimizer: str,
+) -> tuple[ShardedStep | None, list[list[Any]]]:
+    """Prepare one group step: refuse flat shards, and turn DTensors into their local shards.
+
+    ``params`` are the group's parameters that have a gradient, ``lists``
+    per-parameter lists (gradients, optimizer states). Returns ``(dist,
+    [params, *lists])``: ``dist`` is ``None`` (and the lists unchanged) when no
+    parameter is a DTensor. A gradient or state whose placements differ from
+    its parameter's is redistributed to them first.
+    """
+    mode = group.get("scale_invariant")
+    api = _dtensor_api()
+    dtensor = api.DTensor if api is not None else ()
+    any_dtensor = False
+    for i, p in enumerate(params):
+        if isinstance(p, dtensor):
+            any_dtensor = True
+        elif mode is not False and _is_flat(p):
+            raise FlatParameterError(_flat_message(describe(_index_in(group, p, i), p), p, optimizer))
+    if not any_dtensor:
+        return None, [list(params), *(list(lst) for lst in lists)]
+    out: list[list[Any]] = [[] for _ in range(1 + len(lists))]
+    layouts = []
+    for i, p in enumerate(params):
+
+        def what(i: int = i, p: Tensor = p) -> str:
+            return describe(_index_in(group, p, i), p)
+
+        if isinstance(p, dtensor):
+            local = p.to_local()  # type: ignore[attr-defined]
+            layouts.append(_layout(p, _projects(p, mode), what))
+            mesh, placements = p.device_mesh, p.placements  # type: ignore[attr-defined]
+        else:
+            local = p
+            layouts.append(_Layout(tuple(p.shape), False, None))
+            mesh = placements = None
+        out[0].append(local)
+        for k, lst in enumerate(lists):
+            t = lst[i]
+            if isinstance(t, dtensor):
+                if mesh is None:
+                    raise ValueError(f"{what()} is a plain tensor, but one of its gradients/states is a DTensor")
+                same_mesh = t.device_mesh is mesh or t.device_mesh == mesh  # type: ignore[attr-defined]
+                if t.dim() > 0 and not (same_mesh and t.placements == placements):  # type: ignore[attr-defined]
+                    t = t.redistribute(mesh, placements)  # type: ignore[attr-defined]
+                t = t.to_local()  # type: ignore[attr-defined]
+            elif t is not None and mesh is not None and t.dim() > 0 and t.shape != local.shape:
+                raise ValueError(
+                    f"{what()} is a DTensor with local shape {tuple(local.shape)}, but one of its gradients/states "
+                    f"is a plain tensor of shape {tuple(t.shape)}; load optimizer states of sharded models with "
+                    "torch.distributed.checkpoint.state_dict.set_optimizer_state_dict"
+                )
+            out[k + 1].append(t)
+    return ShardedStep(out[0], layouts), out
+
+
+def _index_in(group: dict[str, Any], p: Tensor, default: int) -> int:
+    return next((k for k, q in enumerate(group["params"]) if q is p), default)
+
+
+# -- statistics (track_stats) of sharded parameters ---------------------------------------
+def norm_stats(new: Sequence[Tensor], old: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(||old||, ||new||, angle(old, new))`` per parameter, from local shards and one ``all_reduce``.
+
+    With ``d = new - old`` the sums ``B = ||old||^2``, ``C = <d, old>``,
+    ``D = ||d||^2`` are reduced over the shard group; then ``A = ||new||^2 = B +
+    2C + D`` and the chord ``|new/a - old/b|`` (``a = sqrt A``, ``b = sqrt B``)
+    is ``sqrt(D + 2C (b - a) / b + (b - a)^2) / a`` with ``b - a = -(2C + D) /
+    (a + b)``. The sums are taken in float64 from float64 copies (one tensor at
+    a time), so the cancellation in the chord of a nearly radial step costs
+    nothing measurable.
+    """
+    layouts = [_layout(p, True, lambda: "a tracked parameter") for p in new]
+    rows = []
+    for t_new, t_old in zip(new, old, strict=True):
+        o = (t_old.to_local() if is_dtensor(t_old) else t_old).double().reshape(-1)  # type: ignore[attr-defined]
+        d = (t_new.to_local() if is_dtensor(t_new) else t_new).double().reshape(-1) - o  # type: ignore[attr-defined]
+        rows.append(torch.stack([torch.dot(o, o), torch.dot(d, o), torch.dot(d, d)]))
+    sums = torch.stack(rows)
+    sharded = {id(lay.group): lay.group for lay in layouts if lay.group is not None}
+    if sharded:
+        if len(sharded) > 1:
+            raise NotImplementedError("track_stats: tracked parameters are sharded over different process groups")
+        mask = torch.tensor([lay.group is None for lay in layouts], device=sums.device).unsqueeze(1)
+        saved = sums.clone()
+        sums.masked_fill_(mask, 0)
+        _all_reduce(sums, next(iter(sharded.values())))
+        sums = torch.where(mask, saved, sums)
+    b2, c, d2 = sums.unbind(1)
+    a2 = b2 + 2 * c + d2
+    a, b = a2.sqrt(), b2.sqrt()
+    b_minus_a = -(2 * c + d2) / (a + b)
+    chord = (d2 + 2 * c * b_minus_a / b + b_minus_a.square()).clamp_min(0).sqrt() / a
+    angle = torch.where((a > 0) & (b > 0), 2 * torch.asin((chord / 2).clamp(max=1.0)), math.nan)
+    dtype = new[0].dtype
+    return b.to(dtype), a.to(dtype), angle.to(dtype)
+
+
+# -- the collective, and merging the requests of several parameter groups -------------------
+def _all_reduce(packed: Tensor, group: Any) -> None:
+    import torch.distributed as c10d
+
+    c10d.all_reduce(packed, group=group)
+
+
+_local = threading.local()
+
+
+def _reduce(packed: Tensor, group: Any) -> None:
+    rendezvous = getattr(_local, "rendezvous", None)
+    if rendezvous is None:
+        _all_reduce(packed, group)
+    else:
+        rendezvous.submit(packed, group)
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Worker:
+    """One group step run as a coroutine: a thread that only runs while the caller waits for it."""
+
+    def __init__(self, fn: Callable[[], None], rendezvous: _Rendezvous, context: Callable[[], None]) -> None:
+        self.fn, self.rendezvous, self.context = fn, rendezvous, context
+        self.go = threading.Semaphore(0)
+        self.parked = threading.Semaphore(0)
+        self.request: tuple[Tensor, Any] | None = None
+        self.error: BaseException | None = None
+        self.aborted = False
+        self.thread = threading.Thread(target=self._main, daemon=True, name="torch_adamp-group-step")
+
+    def _main(self) -> None:
+        _local.rendezvous = self
+        try:
+            self.context()
+            self.fn()
+        except _Aborted:
+            pass
+        except BaseException as e:  # re-raised by the caller
+            self.error = e
+        finally:
+            self.request = None
+            self.parked.release()
+
+    def submit(self, packed: Tensor, group: Any) -> None:  # in the worker thread
+        self.request = (packed, group)
+        self.parked.release()
+        self.go.acquire()
+        if self.aborted:
+            raise _Aborted
+
+    def resume(self) -> None:  # in the caller: run until the next request or the end
+        if self.thread.ident is None:
+            self.thread.start()
+        else:
+            self.go.release()
+        self.parked.acquire()
+
+
+class _Rendezvous:
+    def run(self, fns: Sequence[Callable[[], None]]) -> None:
+        context = _thread_context()
+        workers = [_Worker(fn, self, context) for fn in fns]
+        active = workers
+        while active:
+            for w in active:
+                w.resume()  # one at a time, in group order: deterministic on every rank
+            error = next((w.error for w in active if w.error is not None), None)
+            waiting = [w for w in active if w.request is not None]
+            if error is None and waiting:
+                try:
+                    _merged_all_reduce([w.request for w in waiting])  # type: ignore[misc]
+                except BaseException as e:
+                    error = e
+            if error is not None:
+                for w in waiting:  # release the parked groups without their sums
+                    w.aborted = True
+                    w.resume()
+                raise error
+            active = waiting
+        for w in workers:
+            w.thread.join()
+
+
+def _merged_all_reduce(requests: Sequence[tuple[Tensor, Any]]) -> None:
+    """One ``all_reduce`` per (process group, device, dtype): normally exactly one."""
+    buckets: dict[tuple[int, torch.device, torch.dtype], list[Tensor]] = {}
+    groups = {}
+    for packed, group in requests:
+        key = (id(group), packed.device, packed.dtype)
+        buckets.setdefault(key, []).append(packed)
+        groups[key] = group
+    for key, tensors in buckets.items():
+        if len(tensors) == 1:
+            _all_reduce(tensors[0], groups[key])
+            continue
+        flat = torch.cat(tensors)
+        _all_reduce(flat, groups[key])
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+            t.copy_(part)
+
+
+def _thread_context() -> Callable[[], None]:
+    """What a worker thread must share with the caller: grad mode, CUDA device and stream."""
+    grad = torch.is_grad_enabled()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    stream = torch.cuda.current_stream() if cuda else None
+
+    def apply() -> None:
+        torch.set_grad_enabled(grad)
+        if stream is not None:
+            torch.cuda.set_device(stream.device)
+            torch.cuda.set_stream(stream)
+
+    return apply
+
+
+def run_group_steps(step_group: Callable[..., None], jobs: Sequence[tuple[Any, ...]]) -> None:
+    """Run ``step_group(*job)`` for every job (one per parameter group).
+
+    When two or more groups hold sharded DTensor weights that may be projected,
+    they are run as coroutines so that their packed sums go out in a single
+    ``all_reduce``; otherwise they simply run one after the other.
+    """
+    reducing = [job for job in jobs if _group_reduces(job[0], job[1])] if len(jobs) > 1 else []
+    if len(reducing) < 2:
+        for job in jobs:
+            step_group(*job)
+        return
+    for job in jobs:
+        if not any(job is r for r in reducing):
+            step_group(*job)
+    _Rendezvous().run([lambda job=job: step_group(*job) for job in reducing])
+
+
+def _group_reduces(group: dict[str, Any], params: Sequence[Tensor]) -> bool:
+    return (
+        _dtensor_api() is not None
+        and group.get("scale_invariant") is not False
+        and any(_needs_reduction(p) for p in params)
+    )
