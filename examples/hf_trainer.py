@@ -1,0 +1,105 @@
+"""Hugging Face ``transformers.Trainer`` with torch_adamp's AdamP.
+
+    pip install transformers accelerate
+    python examples/hf_trainer.py                  # a tiny randomly initialised Llama, 60 steps on the CPU
+
+Pass the optimizer as ``Trainer(..., optimizers=(AdamP(...), None))``: ``None``
+lets the Trainer build its usual scheduler (``lr_scheduler_type``,
+``warmup_steps``) around our optimizer; its ``learning_rate`` argument is then
+ignored, the optimizer's ``lr`` is the peak. Create the model on its final
+device before building the optimizer.
+
+A callback reads ``opt.stats()`` to log which fraction of the weights AdamP
+treated as scale-invariant. In a pre-norm transformer like this one, no weight
+is followed directly by a normalisation, the cosine test rarely or never
+passes, and AdamP behaves as AdamW; the statistics make that visible. (See the
+diagnostics guide for checking a model with ``find_scale_invariant``.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from torch_adamp import AdamP, param_groups
+
+
+class CountingSequences(Dataset):
+    """Token sequences ``s, s+1, s+2, ...`` (mod vocab) from random starts: a causal LM learns them fast."""
+
+    def __init__(self, n: int, seq_len: int, vocab: int, seed: int = 0) -> None:
+        starts = torch.randint(0, vocab, (n, 1), generator=torch.Generator().manual_seed(seed))
+        self.ids = (starts + torch.arange(seq_len)) % vocab
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    parser = argparse.ArgumentParser(description="transformers.Trainer with torch_adamp.AdamP")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--vocab", type=int, default=128)
+    parser.add_argument("--output-dir", default=None, help="default: a temporary folder (nothing is saved)")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=args.seq_len,
+    )
+    model = LlamaForCausalLM(config)  # random initialisation: nothing is downloaded
+
+    opt = AdamP(param_groups(model, weight_decay=0.01), lr=3e-3, betas=(0.9, 0.98), track_stats=True)
+
+    class ProjectionStats(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any):
+            stats = opt.stats()
+            if stats:
+                print(f"step {state.global_step}: projected_fraction={stats['projected_fraction']:.2f}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        training_args = TrainingArguments(
+            output_dir=args.output_dir or tmp,
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch_size,
+            lr_scheduler_type="cosine",
+            warmup_steps=max(1, args.steps // 10),
+            logging_steps=max(1, args.steps // 6),
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            use_cpu=not torch.cuda.is_available(),
+            dataloader_pin_memory=False,
+        )
+        trainer = Trainer(
+            model=model,
+            args=training_args,
+            train_dataset=CountingSequences(1024, args.seq_len, args.vocab),
+            optimizers=(opt, None),  # our optimizer, the Trainer's scheduler
+            callbacks=[ProjectionStats()],
+        )
+        result = trainer.train()
+    print(f"final training loss {result.training_loss:.3f}")
+    return {"training_loss": result.training_loss, "log_history": trainer.state.log_history, "stats": opt.stats()}
+
+
+if __name__ == "__main__":
+    main()

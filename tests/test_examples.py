@@ -1,0 +1,137 @@
+"""Every script in examples/ runs, at tiny size (the integrations skip cleanly when their package is missing)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def require(module: str) -> None:
+    """Skip when ``module`` is missing *or fails to import* (e.g. timm with a torchvision built for another torch)."""
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # ImportError, or RuntimeError from a mismatched compiled extension
+        pytest.skip(f"{module} is not usable here: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def finite(values: list[float]) -> bool:
+    return bool(values) and all(math.isfinite(v) for v in values)
+
+
+NAMES = ["amp_gradscaler", "compile_step", "hf_trainer", "lightning_module", "plain_loop_scheduler", "timm_model"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_example_is_a_script_with_main(name: str) -> None:
+    # the tests below call main(argv); `python examples/<name>.py` calls main()
+    text = (EXAMPLES / f"{name}.py").read_text()
+    assert "def main(argv: list[str] | None = None)" in text
+    assert 'if __name__ == "__main__":\n    main()' in text
+
+
+@pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
+def test_plain_loop_scheduler(optimizer: str) -> None:
+    ex = load("plain_loop_scheduler")
+    out = ex.main(["--optimizer", optimizer, "--steps", "4", "--batch-size", "8", "--image-size", "8", "--width", "4",
+                   "--log-every", "2"])  # fmt: skip
+    assert finite(out["losses"]) and len(out["losses"]) == 4
+    stats = out["stats"]
+    # the conv weights (followed by BatchNorm) are found scale-invariant and projected per channel; the classifier not
+    assert stats["conv1.weight/view"] == 1 and stats["conv2.weight/view"] == 1
+    assert stats["fc.weight/view"] == 0
+    assert 0 < stats["projected_fraction"] < 1
+    by_name = {n: g for g in out["groups"] for n in g["param_names"]}
+    assert by_name["bn1.weight"]["weight_decay"] == 0 and by_name["fc.bias"]["weight_decay"] == 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "fp32_state", "param_dtype", "state_dtype"),
+    [
+        ("amp", "1", torch.float32, torch.float32),
+        ("bf16-params", "1", torch.bfloat16, torch.float32),
+        ("bf16-params", "0", torch.bfloat16, torch.bfloat16),
+    ],
+)
+def test_amp_gradscaler(mode: str, fp32_state: str, param_dtype: torch.dtype, state_dtype: torch.dtype) -> None:
+    ex = load("amp_gradscaler")
+    out = ex.main(["--mode", mode, "--fp32-state", fp32_state, "--device", "cpu", "--steps", "3", "--batch-size", "4",
+                   "--image-size", "8"])  # fmt: skip
+    assert finite(out["losses"])
+    assert out["param_dtype"] == param_dtype and out["state_dtype"] == state_dtype
+
+
+def test_compile_step_fullgraph() -> None:
+    # backend="eager": dynamo captures the whole step (fullgraph=True raises on any graph break)
+    # without the minutes inductor needs on a small CPU
+    ex = load("compile_step")
+    out = ex.main(["--backend", "eager", "--device", "cpu", "--steps", "3", "--batch-size", "4", "--image-size", "8"])
+    assert math.isfinite(out["loss"])
+    assert out["max_diff"] < 1e-5
+
+
+def test_compile_step_fused_cpu() -> None:
+    try:  # only where the CPU kernel builds: elsewhere fused=True compiles with inductor (minutes on a small CPU)
+        from torch_adamp import _native
+
+        if _native.load() is None:
+            pytest.skip("the fused CPU kernel does not build here (no C compiler?)")
+    except (ImportError, AttributeError) as e:
+        pytest.skip(f"no fused CPU kernel in this version: {e}")
+    ex = load("compile_step")
+    out = ex.main(["--fused", "--device", "cpu", "--steps", "3", "--batch-size", "4", "--image-size", "8"])
+    assert math.isfinite(out["loss"])
+    assert out["max_diff"] < 1e-5
+
+
+def test_timm_model() -> None:
+    require("timm")
+    ex = load("timm_model")
+    out = ex.main(["--model", "resnet18", "--device", "cpu", "--steps", "2", "--batch-size", "2", "--image-size", "32"])
+    assert finite(out["losses"])
+    assert out["stats"]["projected_fraction"] > 0  # resnet convs are followed by BatchNorm
+
+
+def test_hf_trainer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    require("transformers")
+    require("accelerate")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ex = load("hf_trainer")
+    out = ex.main(["--steps", "2", "--batch-size", "2", "--hidden", "16", "--layers", "1", "--seq-len", "8",
+                   "--vocab", "32", "--output-dir", str(tmp_path)])  # fmt: skip
+    assert math.isfinite(out["training_loss"])
+    assert "projected_fraction" in out["stats"]
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*")  # lightning's own use of a deprecated torch API
+def test_lightning_module() -> None:
+    require("lightning")
+    ex = load("lightning_module")
+    out = ex.main(["--steps", "2", "--batch-size", "4", "--image-size", "8", "--accelerator", "cpu"])
+    assert math.isfinite(out["train_loss"])
+    assert 0 < out["projected_fraction"] < 1
+
+
+def test_docs_quickstart_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The "Five minutes" code of docs/index.md runs as written and prints its diagnostics."""
+    text = (EXAMPLES.parent / "docs" / "index.md").read_text()
+    code = re.search(r"## Five minutes\n\n```python\n(.*?)```", text, re.S)
+    assert code is not None
+    exec(compile(code.group(1), "docs/index.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "step 100:" in out and "conv: view 1" in out
