@@ -125,7 +125,7 @@ def apply_multi(
         # u <- u - c w  (c is zero on rows that are not projected)
         u_proj = [updates[i] for i in proj_idx]
         if updates_are_state:
-            u_proj = torch._foreach_addcmul(u_proj, p_proj, coefs, value=-1)
+            u_proj = list(torch._foreach_addcmul(u_proj, p_proj, coefs, value=-1))
             for k, i in enumerate(proj_idx):
                 updates[i] = u_proj[k]
         else:

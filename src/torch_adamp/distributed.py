@@ -32,6 +32,7 @@ ZeRO-1/2 partitions) cannot be detected; see docs/distributed.md.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import threading
@@ -259,9 +260,9 @@ def localize(
             return describe(_index_in(group, p, i), p)
 
         if isinstance(p, dtensor):
-            local = p.to_local()  # type: ignore[attr-defined]
+            local = p.to_local()
             layouts.append(_layout(p, _projects(p, mode), what))
-            mesh, placements = p.device_mesh, p.placements  # type: ignore[attr-defined]
+            mesh, placements = p.device_mesh, p.placements
         else:
             local = p
             layouts.append(_Layout(tuple(p.shape), False, None))
@@ -272,10 +273,10 @@ def localize(
             if isinstance(t, dtensor):
                 if mesh is None:
                     raise ValueError(f"{what()} is a plain tensor, but one of its gradients/states is a DTensor")
-                same_mesh = t.device_mesh is mesh or t.device_mesh == mesh  # type: ignore[attr-defined]
-                if t.dim() > 0 and not (same_mesh and t.placements == placements):  # type: ignore[attr-defined]
-                    t = t.redistribute(mesh, placements)  # type: ignore[attr-defined]
-                t = t.to_local()  # type: ignore[attr-defined]
+                same_mesh = t.device_mesh is mesh or t.device_mesh == mesh
+                if t.dim() > 0 and not (same_mesh and t.placements == placements):
+                    t = t.redistribute(mesh, placements)
+                t = t.to_local()
             elif t is not None and mesh is not None and t.dim() > 0 and t.shape != local.shape:
                 raise ValueError(
                     f"{what()} is a DTensor with local shape {tuple(local.shape)}, but one of its gradients/states "
@@ -463,7 +464,7 @@ def run_group_steps(step_group: Callable[..., None], jobs: Sequence[tuple[Any, .
     for job in jobs:
         if not any(job is r for r in reducing):
             step_group(*job)
-    _Rendezvous().run([lambda job=job: step_group(*job) for job in reducing])
+    _Rendezvous().run([functools.partial(step_group, *job) for job in reducing])
 
 
 def _group_reduces(group: dict[str, Any], params: Sequence[Tensor]) -> bool:

@@ -155,7 +155,8 @@ def halve(images: np.ndarray) -> np.ndarray:
     """28x28 -> 14x14 uint8: mean of each 2x2 block, rounded half up (how the subset was made)."""
     n, h, w = images.shape
     blocks = images.reshape(n, h // 2, 2, w // 2, 2).astype(np.uint16).sum(axis=(2, 4))
-    return ((blocks + 2) // 4).astype(np.uint8)
+    out: np.ndarray = ((blocks + 2) // 4).astype(np.uint8)
+    return out
 
 
 def to_tensor(images: np.ndarray, size: int) -> Tensor:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -68,7 +69,8 @@ class Trajectory:
 
     @property
     def norms(self) -> Tensor:
-        return self.weights.norm(dim=1)
+        norms: Tensor = self.weights.norm(dim=1)
+        return norms
 
     @property
     def final_norm(self) -> float:
@@ -117,7 +119,8 @@ def _descend(
 def loss_2d(w: Tensor, w_star: Sequence[float] = W_STAR) -> Tensor:
     """``||w/||w|| - w*/||w*|| ||^2``: depends on the direction of ``w`` only."""
     target = torch.tensor(w_star, dtype=w.dtype)
-    return (w / w.norm() - target / target.norm()).square().sum()
+    loss: Tensor = (w / w.norm() - target / target.norm()).square().sum()
+    return loss
 
 
 def start_2d(offset_deg: float = OFFSET_DEG) -> tuple[float, float]:
@@ -187,7 +190,8 @@ def loss_3d(w: Tensor) -> Tensor:
 def start_3d() -> tuple[float, float, float]:
     x, y = ROSEN_START
     v = torch.tensor([x / ROSEN_SCALE, y / ROSEN_SCALE, 1.0], dtype=torch.float64)
-    return tuple((v / v.norm()).tolist())  # type: ignore[return-value]
+    a, b, c = (v / v.norm()).tolist()
+    return (a, b, c)
 
 
 def run_3d(*, steps: int = 200, on_step: Callable[[], None] | None = None) -> dict[str, Trajectory]:
@@ -224,7 +228,7 @@ def format_table_3d(results: dict[str, Trajectory], *, steps: int) -> str:
     return "\n".join(lines)
 
 
-def summary(results_2d: dict[float, dict[str, Trajectory]], results_3d: dict[str, Trajectory]) -> dict:
+def summary(results_2d: dict[float, dict[str, Trajectory]], results_3d: dict[str, Trajectory]) -> dict[str, Any]:
     """Final numbers as plain JSON-able data."""
     return {
         "toy2d": {
