@@ -4,10 +4,23 @@ Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
 Scale-invariant Weights", ICLR 2021 (arXiv 2006.08217).
 """
 
+from ._base import to_reference_state_dict
 from .adamp import AdamP, adamp
+from .diagnostics import find_scale_invariant, param_groups
 from .projection import project_single, projection_coefficients
 from .sgdp import SGDP, sgdp
 
 __version__ = "0.1.0"
 
-__all__ = ["SGDP", "AdamP", "__version__", "adamp", "project_single", "projection_coefficients", "sgdp"]
+__all__ = [
+    "SGDP",
+    "AdamP",
+    "__version__",
+    "adamp",
+    "find_scale_invariant",
+    "param_groups",
+    "project_single",
+    "projection_coefficients",
+    "sgdp",
+    "to_reference_state_dict",
+]

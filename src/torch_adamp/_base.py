@@ -42,6 +42,10 @@ class ProjectedOptimizer(Optimizer):
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self._check_common(defaults)
         self._check_group(defaults)
+        # created here and mutated in place by step(): torch.compile replays in-place
+        # container mutations, and they survive pickling/deepcopy as plain attributes
+        self._last_stats = []
+        self._stats_copies = {}
         super().__init__(params, defaults)
 
     # -- argument checks -------------------------------------------------------------
@@ -149,6 +153,8 @@ class ProjectedOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_last_stats", [])  # not pickled (torch's __getstate__)
+        self.__dict__.setdefault("_stats_copies", {})
         # groups saved by the reference package (or an older version) lack our options
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -191,6 +197,7 @@ class ProjectedOptimizer(Optimizer):
     # stay loadable by the reference package) and only the last step is kept.
     # With track_stats off on every group, the step does no tensor work for them.
     _last_stats: list[tuple[list[Tensor], float | Tensor, Tensor]]  # (params, lr, rows) per chunk
+    _stats_copies: dict[Tensor, Tensor]  # param -> buffer for its value before the step, reused every step
 
     def _stats_before(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]] | None:
         """Copies of the tracked parameters that have a gradient, taken before the step."""
@@ -199,7 +206,19 @@ class ProjectedOptimizer(Optimizer):
             if group.get("track_stats"):
                 params = [p for p in group["params"] if p.grad is not None]
                 if params:
-                    tracked.append((group, params, [p.detach().clone() for p in params]))
+                    copies = self._stats_copies
+                    olds = []
+                    for p in params:
+                        buf = copies.get(p)
+                        if buf is None or (buf.shape, buf.dtype, buf.device) != (p.shape, p.dtype, p.device):
+                            buf = copies[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+                        olds.append(buf)
+                    if any(distributed.is_dtensor(p) for p in params):  # no foreach copy for DTensors
+                        for buf, p in zip(olds, params, strict=True):
+                            buf.copy_(p.detach())
+                    else:
+                        torch._foreach_copy_(olds, [p.detach() for p in params])  # reused buffers: no allocation
+                    tracked.append((group, params, olds))
         return tracked or None
 
     def _stats_after(
@@ -209,8 +228,9 @@ class ProjectedOptimizer(Optimizer):
     ) -> None:
         """Per tracked parameter, on its device (no host sync): view, norms before/after, angle."""
         if before is None:
-            if getattr(self, "_last_stats", None):
-                self._last_stats = []
+            if self._last_stats or self._stats_copies:
+                self._last_stats.clear()  # tracking off: free the copies
+                self._stats_copies.clear()
             return
         chunks = []
         for group, params, olds in before:
@@ -226,17 +246,16 @@ class ProjectedOptimizer(Optimizer):
                     n_new = torch.stack(torch._foreach_norm(new))
                     n_old = torch.stack(torch._foreach_norm(old))
                     # angle between w_t and w_{t+1}, accurate for tiny angles: 2 asin(chord / 2) with the
-                    # chord |w'/|w'| - w/|w||, computed in place on the copy as |w (|w'|/|w|) - w'| / |w'|
+                    # chord |w/|w| - w'/|w'||, computed in one pass on the copy as |w - w' (|w|/|w'|)| / |w|
                     tiny = torch.finfo(n_new.dtype).tiny
-                    torch._foreach_mul_(old, list((n_new / n_old.clamp_min(tiny)).unbind()))
-                    torch._foreach_sub_(old, new)
-                    chord = torch.stack(torch._foreach_norm(old)) / n_new.clamp_min(tiny)
+                    torch._foreach_addcmul_(old, new, list((-n_old / n_new.clamp_min(tiny)).unbind()))
+                    chord = torch.stack(torch._foreach_norm(old)) / n_old.clamp_min(tiny)
                     angle = 2 * torch.asin((chord / 2).clamp(max=1.0))
                     angle = torch.where((n_new > 0) & (n_old > 0), angle, math.nan)  # undefined at w = 0
                 none = torch.zeros((), dtype=torch.long, device=n_new.device)
                 view = torch.stack([views.get(p, none) for p in ps]).to(n_new.dtype)
                 chunks.append((ps, lr, torch.stack([view, n_old, n_new, angle], dim=1)))
-        self._last_stats = chunks
+        self._last_stats[:] = chunks
 
     def stats(self) -> dict[str, float]:
         """Statistics of the last step, as a flat ``{key: float}`` dict; the only host sync of ``track_stats``.
@@ -258,7 +277,7 @@ class ProjectedOptimizer(Optimizer):
         number of elements) that were projected. Empty when nothing is tracked.
         """
         rows: dict[Tensor, tuple[list[float], float]] = {}
-        for params, lr, table in getattr(self, "_last_stats", None) or []:
+        for params, lr, table in self._last_stats:
             lr_f = float(lr.item()) if isinstance(lr, Tensor) else lr
             rows.update((p, (r, lr_f)) for p, r in zip(params, table.tolist(), strict=True))
         out: dict[str, float] = {}
@@ -285,3 +304,57 @@ class ProjectedOptimizer(Optimizer):
         out["projected_fraction"] = counts[0] / counts[1] if counts[1] else 0.0
         out["projected_numel_fraction"] = counts[2] / counts[3] if counts[3] else 0.0
         return out
+
+
+#: group options of the reference package ``adamp`` 0.3.0 (AdamP and SGDP)
+_REFERENCE_OPTIONS = {"lr", "betas", "eps", "weight_decay", "delta", "wd_ratio", "nesterov", "momentum", "dampening"}
+#: our options whose non-default values the reference cannot reproduce, with the value it implies
+_REFERENCE_IMPLIED = {"maximize": False, "scale_invariant": "auto", "project_momentum": True}
+
+
+def to_reference_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Convert a ``state_dict()`` of :class:`~torch_adamp.AdamP` / :class:`~torch_adamp.SGDP` for the reference package.
+
+    The result loads into ``adamp.AdamP`` / ``adamp.SGDP`` (0.3.0), which then
+    continues exactly as if it had run from the start (bitwise, for the
+    per-tensor path ``foreach=False`` with a float ``lr``). Tensor ``step``
+    counters become Python ints (the reference computes its bias corrections
+    from an int), a tensor ``lr`` becomes a float, and the options the reference
+    does not have are dropped from the groups (keys it has, and keys of other
+    tools such as ``initial_lr`` of the schedulers, are kept). Tensors are
+    shared, not copied. The input is not modified.
+
+    Raises ``ValueError`` for a group that uses an option the reference cannot
+    reproduce: ``maximize=True``, ``scale_invariant`` other than ``"auto"``, or
+    ``project_momentum=False``.
+    """
+    import inspect
+
+    from .adamp import AdamP
+    from .sgdp import SGDP
+
+    ours_only = {
+        name
+        for cls in (AdamP, SGDP)
+        for name in inspect.signature(cls.__init__).parameters
+        if name not in ("self", "params")
+    } - _REFERENCE_OPTIONS
+    groups = []
+    for i, group in enumerate(state_dict["param_groups"]):
+        for name, implied in _REFERENCE_IMPLIED.items():
+            if name in group and group[name] != implied:
+                raise ValueError(
+                    f"param group {i} has {name}={group[name]!r}; the reference package has no such option "
+                    f"(it always behaves as {name}={implied!r}), so its state dict cannot carry this run"
+                )
+        new = {k: v for k, v in group.items() if k not in ours_only}
+        if isinstance(new.get("lr"), Tensor):
+            new["lr"] = float(new["lr"].item())
+        groups.append(new)
+    state = {}
+    for key, st in state_dict["state"].items():
+        st = dict(st)
+        if isinstance(st.get("step"), Tensor):
+            st["step"] = int(st["step"].item())
+        state[key] = st
+    return {**state_dict, "state": state, "param_groups": groups}
