@@ -7,6 +7,7 @@ Scale-invariant Weights", ICLR 2021 (arXiv 2006.08217).
 from ._base import to_reference_state_dict
 from .adamp import AdamP, adamp
 from .diagnostics import find_scale_invariant, param_groups
+from .distributed import FlatParameterError
 from .projection import project_single, projection_coefficients
 from .sgdp import SGDP, sgdp
 
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SGDP",
     "AdamP",
+    "FlatParameterError",
     "__version__",
     "adamp",
     "find_scale_invariant",
