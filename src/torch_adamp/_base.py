@@ -86,7 +86,7 @@ class ProjectedOptimizer(Optimizer):
         raise NotImplementedError
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimisation step; ``closure`` re-evaluates the loss (run with grad enabled)."""
         loss = None
         if closure is not None:
@@ -104,7 +104,9 @@ class ProjectedOptimizer(Optimizer):
         distributed.run_group_steps(self._step_group, jobs)
         for _, params, views in jobs:
             if views is not None:
-                all_views.update((p, v) for p, v in zip(params, views, strict=True) if v is not None)
+                for p, v in zip(params, views, strict=True):
+                    if v is not None:
+                        all_views[p] = v
         self._stats_after(before, all_views)
         return loss
 
@@ -169,7 +171,7 @@ class ProjectedOptimizer(Optimizer):
         """
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
-        id_map = {}
+        id_map: dict[int, Tensor] = {}
         for g_saved, g in zip(state_dict["param_groups"], self.param_groups, strict=True):
             id_map.update(zip(g_saved["params"], g["params"], strict=True))
         for key, value in saved.items():

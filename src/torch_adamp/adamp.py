@@ -106,7 +106,7 @@ def _multi_tensor_adamp(
         P = [_update.upcast(params[i]) for i in idx]
         G = [_update.upcast(grads[i]) for i in idx]
         if maximize:
-            G = torch._foreach_neg(G)
+            G = list(torch._foreach_neg(G))
         M = [_update.upcast(exp_avgs[i]) for i in idx]
         V = [_update.upcast(exp_avg_sqs[i]) for i in idx]
         S = [state_steps[i] for i in idx]
@@ -201,7 +201,7 @@ def adamp(
     ``views``, if given, receives per parameter a 0-d tensor with the view the
     projection used (:data:`~torch_adamp.projection.NONE`, ``CHANNEL`` or ``LAYER``).
     """
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         capturable=capturable,
         lr=lr,
         beta1=beta1,

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 from torch.utils._pytree import tree_leaves
 
 from .projection import projectable
@@ -121,7 +122,7 @@ def find_scale_invariant(
     """
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
-    if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in (*params.values(), *buffers.values())):
+    if any(isinstance(t, (UninitializedParameter, UninitializedBuffer)) for t in (*params.values(), *buffers.values())):
         raise ValueError("find_scale_invariant: the model has uninitialised lazy modules; run one forward first")
     with _preserved(model) as reset_rng:
         if train:
@@ -130,7 +131,7 @@ def find_scale_invariant(
         def run(name: str | None = None, value: Tensor | None = None) -> list[Any]:
             # buffers are copies: running statistics of the real model are never touched
             tensors = {n: b.clone() for n, b in buffers.items()}
-            if name is not None:
+            if name is not None and value is not None:
                 tensors[name] = value
             reset_rng()
             with torch.no_grad():

@@ -92,12 +92,12 @@ def _multi_tensor_sgdp(
         P = [_update.upcast(params[i]) for i in idx]
         G = [_update.upcast(grads[i]) for i in idx]
         if maximize:
-            G = torch._foreach_neg(G)
+            G = list(torch._foreach_neg(G))
         B = [_update.upcast(momentum_buffers[i]) for i in idx]
         torch._foreach_mul_(B, momentum)
         torch._foreach_add_(B, G, alpha=1 - dampening)
         if nesterov:
-            D = torch._foreach_mul(B, momentum)
+            D = list(torch._foreach_mul(B, momentum))
             torch._foreach_add_(D, G)
         else:
             D = B
@@ -146,7 +146,7 @@ def sgdp(
     dist: Any = None,
 ) -> None:
     """Functional SGDP step over lists of tensors (updates them in place)."""
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         lr=lr,
         momentum=momentum,
         dampening=dampening,
