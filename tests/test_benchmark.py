@@ -1,0 +1,88 @@
+"""The step-time benchmark runs and prints its table (no timing assertions: this machine is shared)."""
+
+from __future__ import annotations
+
+import math
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from torch_adamp import benchmark, projection
+
+
+def test_parameter_sets_have_the_real_shapes() -> None:
+    for key, (tensors, numel) in {"resnet50": (161, 25_557_032), "vit_b16": (152, 86_567_656)}.items():
+        shapes = benchmark.SETS[key].shapes()
+        assert len(shapes) == tensors
+        assert sum(math.prod(s) for s in shapes) == numel
+    assert benchmark.resnet50_shapes()[0] == (64, 3, 7, 7)
+    assert benchmark.resnet50_shapes()[-2:] == [(1000, 2048), (1000,)]
+    assert (2304, 768) in benchmark.vit_b16_shapes()  # fused qkv projection
+    assert benchmark.small_shapes() == [(64, 64)] * 1000
+
+
+def test_gradients_produce_the_intended_decisions() -> None:
+    params, _ = benchmark.make_tensors(benchmark.SETS["resnet50"], scale=8)
+    dec = benchmark.decisions(params)
+    convs = sum(1 for p in params if p.dim() == 4)
+    assert dec["channel"] == convs  # every conv weight is scale-invariant per channel
+    params, _ = benchmark.make_tensors(benchmark.SETS["small"], scale=8)
+    dec = benchmark.decisions(params)
+    assert dec["channel"] > 0 and dec["layer"] > 0 and dec["none"] > 0
+    assert all(projection.projectable(p) for p in params)
+
+
+def test_bytes_moved_lower_bound() -> None:
+    params = [torch.zeros(10, 10), torch.zeros(10)]
+    assert benchmark.bytes_moved(params, "adam", projected=False) == 28 * 110
+    assert benchmark.bytes_moved(params, "adam", projected=True) == 28 * 110 + 8 * 100
+    assert benchmark.bytes_moved(params, "sgd", projected=True) == 20 * 110 + 8 * 100
+
+
+def test_tiny_run_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--quick", "--sets", "resnet50", "--scale", "32", "--repeats", "2", "--warmup", "1"]
+    assert benchmark.main(args) == 0
+    out = capsys.readouterr().out
+    for needle in (
+        "native kernels:",
+        "streaming bandwidth",
+        "resnet50: ResNet-50 parameter shapes",
+        "torch AdamW(foreach=True)",
+        "torch AdamW(fused=True)",
+        "torch SGD(momentum=0.9, fused=True)",
+        "AdamP(foreach=False)",
+        "AdamP(foreach=True)",
+        "AdamP(fused=True)",
+        "AdamP() default = fused",
+        "SGDP(momentum=0.9, fused=True)",
+        "lower bound",
+        "state MiB",
+        "peak temp MiB",
+        "targets (median ratios",
+    ):
+        assert needle in out, needle
+    if benchmark._reference() is not None:
+        assert "adamp.AdamP 0.3.0 (reference)" in out
+
+
+def test_paths_and_families_can_be_selected(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--quick", "--sets", "small", "--scale", "32", "--families", "sgd", "--paths", "torch,foreach"]
+    assert benchmark.main([*args, "--no-memory"]) == 0
+    out = capsys.readouterr().out
+    assert "SGDP(momentum=0.9, foreach=True)" in out
+    assert "AdamP(" not in out and "SGDP(momentum=0.9, fused=True)" not in out and "adamp.SGDP" not in out
+    with pytest.raises(SystemExit):
+        benchmark.main(["--paths", "nonsense"])
+
+
+def test_script_wrapper(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+    args = ["--quick", "--sets", "small", "--scale", "32", "--families", "adam", "--paths", "fused"]
+    monkeypatch.setattr(sys, "argv", [str(script), *args, "--no-memory"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert "AdamP(fused=True)" in capsys.readouterr().out

@@ -1,0 +1,356 @@
+"""The fused path: native CPU kernel and torch.compile back end, against the other paths.
+
+The differential suite (tests/test_reference_equivalence.py and friends) runs
+``fused=True`` against the reference package on many models; here: what only
+the fused path has (decisions on synthetic gradients that force every view, the
+tensors the kernel refuses, dtypes, threads, the build cache, the CPU default,
+and the compile back end's "compile once" guarantee).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+import torch_adamp
+from torch_adamp import _fused, _native
+
+pytestmark = pytest.mark.skipif(not _fused.native_available(), reason=f"native kernels unavailable: {_native.failure}")
+
+#: shapes covering every case of the kernel: conv-like, matrix, 3-D, dim 0 == 1, 1-D, scalar, empty
+SHAPES: list[tuple[int, ...]] = [(16, 8, 3, 3), (12, 20), (6, 1, 5), (1, 30), (7,), (), (0, 4), (4, 0), (40, 64)]
+
+
+def _orthogonal(p: Tensor, g: Tensor, rows: bool) -> Tensor:
+    p64 = p.double().reshape(p.shape[0] if rows else 1, -1)
+    g64 = g.double().reshape_as(p64)
+    g64 = g64 - (g64 * p64).sum(1, keepdim=True) / (p64 * p64).sum(1, keepdim=True).clamp_min(1e-300) * p64
+    return g64.reshape(g.shape).to(g.dtype)
+
+
+def gradients(params: list[Tensor], step: int, gen: torch.Generator) -> list[Tensor]:
+    """Per tensor and step, a gradient orthogonal per row (channel view passes), for the whole tensor
+    (layer view passes), or random (no projection): every decision occurs on every path."""
+    out = []
+    for i, p in enumerate(params):
+        g = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+        if p.dim() > 1 and p.numel() > 0:
+            kind = (i + step) % 3
+            if kind < 2:
+                g = _orthogonal(p.detach(), g, rows=kind == 0)
+        out.append(g)
+    return out
+
+
+def run(
+    make: Callable[[list[Tensor]], torch.optim.Optimizer],
+    shapes: list[tuple[int, ...]] = SHAPES,
+    steps: int = 12,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> tuple[list[Tensor], list[list[float]]]:
+    """Parameters after ``steps`` steps and the views of every step (track_stats must be on)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)) for s in shapes]
+    opt = make(params)
+    views = []
+    for step in range(steps):
+        for p, g in zip(params, gradients(params, step, gen), strict=True):
+            p.grad = g
+        opt.step()
+        stats = opt.stats() if hasattr(opt, "stats") else {}
+        views.append([stats.get(f"group0.param{i}/view", -1.0) for i in range(len(params))])
+    return [p.detach() for p in params], views
+
+
+def rel(a: list[Tensor], b: list[Tensor]) -> float:
+    worst = 0.0
+    for x, y in zip(a, b, strict=True):
+        if y.numel():
+            worst = max(worst, ((x.double() - y.double()).norm() / y.double().norm().clamp_min(1e-30)).item())
+    return worst
+
+
+ADAMP_OPTIONS = [
+    dict(weight_decay=0.0),
+    dict(weight_decay=1e-2, nesterov=True),
+    dict(weight_decay=1e-2, maximize=True, betas=(0.8, 0.99), eps=1e-6),
+    dict(weight_decay=1e-2, scale_invariant="channel"),
+    dict(weight_decay=1e-2, scale_invariant="layer", wd_ratio=0.5),
+    dict(weight_decay=1e-2, scale_invariant=False),
+]
+SGDP_OPTIONS = [
+    dict(momentum=0.9),
+    dict(momentum=0.9, nesterov=True, weight_decay=1e-3),
+    dict(momentum=0.9, dampening=0.1, weight_decay=1e-3, project_momentum=False),
+    dict(momentum=0.5, weight_decay=1e-3, maximize=True, delta=0.2),
+    dict(momentum=0.9, scale_invariant="channel", weight_decay=1e-3),
+    dict(momentum=0.9, scale_invariant="layer"),
+    dict(momentum=0.0, scale_invariant=False),
+]
+
+
+@pytest.mark.parametrize("options", ADAMP_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_adamp_fused_matches_foreach_and_single(options: dict[str, Any]) -> None:
+    ref, ref_views = run(lambda ps: torch_adamp.AdamP(ps, lr=1e-2, foreach=False, track_stats=True, **options))
+    for path in ({"foreach": True}, {"fused": True}):
+        got, views = run(lambda ps, path=path: torch_adamp.AdamP(ps, lr=1e-2, track_stats=True, **path, **options))
+        assert views == ref_views, path
+        assert rel(got, ref) < 1e-6, path
+    if options.get("scale_invariant", "auto") == "auto":  # the synthetic gradients make every view occur
+        seen = {v for step in ref_views for v in step}
+        assert {0.0, 1.0, 2.0} <= seen
+
+
+@pytest.mark.parametrize("options", SGDP_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_sgdp_fused_matches_foreach_and_single(options: dict[str, Any]) -> None:
+    ref, ref_views = run(lambda ps: torch_adamp.SGDP(ps, lr=1e-2, foreach=False, track_stats=True, **options))
+    for path in ({"foreach": True}, {"fused": True}):
+        got, views = run(lambda ps, path=path: torch_adamp.SGDP(ps, lr=1e-2, track_stats=True, **path, **options))
+        assert views == ref_views, path
+        assert rel(got, ref) < 1e-6, path
+
+
+def test_fused_matches_the_reference_package() -> None:
+    adamp = pytest.importorskip("adamp")
+    shapes = [s for s in SHAPES if math.prod(s) > 0 and len(s) > 0]  # the reference crashes on empty tensors
+    for ours, theirs, kw in (
+        (torch_adamp.AdamP, adamp.AdamP, dict(lr=1e-2, weight_decay=1e-2, nesterov=True)),
+        (torch_adamp.SGDP, adamp.SGDP, dict(lr=1e-2, momentum=0.9, weight_decay=1e-3)),
+    ):
+        got, _ = run(lambda ps, ours=ours, kw=kw: ours(ps, fused=True, **kw), shapes, steps=30)
+        ref, _ = run(lambda ps, theirs=theirs, kw=kw: theirs(ps, **kw), shapes, steps=30)
+        assert rel(got, ref) < 1e-6
+
+
+def test_sgdp_project_momentum_semantics() -> None:
+    """project_momentum=True (reference): the stored buffer is the projected direction; False: raw."""
+    for pm in (True, False):
+        bufs = {}
+        for path in ({"foreach": False}, {"fused": True}):
+            gen = torch.Generator().manual_seed(3)
+            p = torch.nn.Parameter(torch.randn(8, 5, generator=gen))
+            p.grad = _orthogonal(p.detach(), torch.randn(8, 5, generator=gen), rows=True)
+            opt = torch_adamp.SGDP([p], lr=0.1, momentum=0.9, project_momentum=pm, **path)
+            opt.step()
+            bufs[str(path)] = opt.state[p]["momentum"].clone()
+        a, b = bufs.values()
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_dtypes(dtype: torch.dtype) -> None:
+    tol = 1e-9 if dtype is torch.float64 else 2e-2
+    for cls, kw in (
+        (torch_adamp.AdamP, dict(lr=1e-2, weight_decay=1e-2)),
+        (torch_adamp.SGDP, dict(lr=1e-2, momentum=0.9)),
+    ):
+        ref, ref_views = run(lambda ps, cls=cls, kw=kw: cls(ps, foreach=True, track_stats=True, **kw), dtype=dtype)
+        got, views = run(lambda ps, cls=cls, kw=kw: cls(ps, fused=True, track_stats=True, **kw), dtype=dtype)
+        assert all(p.dtype is dtype for p in got)
+        assert rel(got, ref) < tol
+        if dtype is torch.float64:
+            assert views == ref_views
+
+
+def test_half_precision_state_dtypes() -> None:
+    """fp32_state=False keeps half moments: the kernel refuses them, the multi-tensor path runs them."""
+    kw = dict(lr=1e-2, weight_decay=1e-2, track_stats=True, fp32_state=False)
+    ref, ref_views = run(lambda ps: torch_adamp.AdamP(ps, foreach=True, **kw), dtype=torch.bfloat16)
+    got, views = run(lambda ps: torch_adamp.AdamP(ps, fused=True, **kw), dtype=torch.bfloat16)
+    assert views == ref_views
+    assert rel(got, ref) == 0.0
+
+
+def test_refused_tensors_take_the_multi_tensor_path() -> None:
+    """Non-contiguous parameters (channels_last, transposed) and grads: same numbers as foreach."""
+
+    def make_params() -> list[Tensor]:
+        gen = torch.Generator().manual_seed(5)
+        conv = torch.randn(8, 4, 3, 3, generator=gen).to(memory_format=torch.channels_last)
+        mat = torch.randn(20, 12, generator=gen).t()  # (12, 20), not contiguous
+        plain = torch.randn(10, 6, generator=gen)
+        return [torch.nn.Parameter(t) for t in (conv, mat, plain)]
+
+    results = []
+    for path in ({"foreach": True}, {"fused": True}):
+        params = make_params()
+        opt = torch_adamp.AdamP(params, lr=1e-2, weight_decay=1e-2, track_stats=True, **path)
+        gen = torch.Generator().manual_seed(6)
+        for step in range(5):
+            grads = gradients(params, step, gen)
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.t().contiguous().t() if g.dim() == 2 and step % 2 else g  # sometimes non-contiguous
+            opt.step()
+        results.append(([p.detach().clone() for p in params], opt.stats()))
+    (a, sa), (b, sb) = results
+    assert rel(a, b) < 1e-6
+    assert {k: v for k, v in sa.items() if k.endswith("/view")} == {k: v for k, v in sb.items() if k.endswith("/view")}
+    assert params[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_tensor_lr_and_lr_changes() -> None:
+    """A 0-d tensor lr gives the float-lr result; a new value takes effect at the next step."""
+    out = []
+    for lr in (1e-2, torch.tensor(1e-2)):
+        gen = torch.Generator().manual_seed(1)
+        p = torch.nn.Parameter(torch.randn(6, 5, generator=gen))
+        opt = torch_adamp.AdamP([p], lr=lr, fused=True)
+        for step in range(4):
+            p.grad = torch.randn(6, 5, generator=gen)
+            opt.step()
+            if step == 1:
+                opt.param_groups[0]["lr"] = 5e-3 if isinstance(lr, float) else torch.tensor(5e-3)
+        out.append(p.detach().clone())
+    torch.testing.assert_close(out[0], out[1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("stage_bytes", [_fused.STAGE_BYTES, 0], ids=["staged", "unstaged"])
+def test_threads_give_identical_results(stage_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row sums are per row and summed in row order: the thread count changes nothing."""
+    monkeypatch.setattr(_fused, "STAGE_BYTES", stage_bytes)
+    shapes = [(256, 256), (64, 600), (1, 40000), (40000,)]  # above the kernel's parallel threshold
+    old = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(run(lambda ps: torch_adamp.AdamP(ps, lr=1e-2, fused=True, track_stats=True), shapes, 4))
+            results.append(run(lambda ps: torch_adamp.SGDP(ps, lr=1e-2, momentum=0.9, fused=True), shapes, 4))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(results[:2], results[2:], strict=True):
+        assert rel(a[0], b[0]) == 0.0
+        assert a[1] == b[1]
+
+
+@pytest.mark.parametrize("options", [{}, {"nesterov": True}, {"scale_invariant": "layer"}, {"maximize": True}])
+def test_adamp_staged_and_unstaged_schemes_agree(options: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """AdamP tensors above ``_fused.STAGE_BYTES`` take the other sweep scheme: the same bits."""
+    kw: dict[str, Any] = dict(lr=1e-2, weight_decay=1e-2, track_stats=True, fused=True, **options)
+    staged = run(lambda ps: torch_adamp.AdamP(ps, **kw))
+    monkeypatch.setattr(_fused, "STAGE_BYTES", 0)
+    unstaged = run(lambda ps: torch_adamp.AdamP(ps, **kw))
+    assert rel(staged[0], unstaged[0]) == 0.0
+    assert staged[1] == unstaged[1]
+
+
+def test_default_path_is_fused_on_cpu_and_foreach_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    kw: dict[str, Any] = dict(lr=1e-2, weight_decay=1e-2, track_stats=True)
+    fused, _ = run(lambda ps: torch_adamp.AdamP(ps, fused=True, **kw))
+    default, _ = run(lambda ps: torch_adamp.AdamP(ps, **kw))
+    assert rel(default, fused) == 0.0
+    # without a compiler (or TORCH_ADAMP_NATIVE=0) the default is the multi-tensor path
+    monkeypatch.setattr(_native, "_lib", None)
+    monkeypatch.setattr(_native, "_tried", True)
+    monkeypatch.setattr(_native, "failure", "disabled by the test")
+    assert not _fused.native_available()
+    foreach, _ = run(lambda ps: torch_adamp.AdamP(ps, foreach=True, **kw))
+    default, _ = run(lambda ps: torch_adamp.AdamP(ps, **kw))
+    assert rel(default, foreach) == 0.0
+
+
+def test_build_is_cached(tmp_path: Any) -> None:
+    path, seconds = _native.build(tmp_path, force=True)
+    assert path.exists() and seconds > 0
+    again, seconds = _native.build(tmp_path)
+    assert again == path and seconds == 0.0
+    assert len(list(tmp_path.iterdir())) == 1  # no temporary files left behind
+
+
+def test_no_allocation_per_tensor() -> None:
+    """The native step allocates no tensor temporaries beyond the view codes (C scratch is per call)."""
+    from torch_adamp.benchmark import peak_temporary_bytes
+
+    params = [torch.nn.Parameter(torch.randn(64, 64)) for _ in range(10)]
+    for p in params:
+        p.grad = torch.randn(64, 64)
+    for opt in (torch_adamp.AdamP(params, fused=True), torch_adamp.SGDP(params, lr=0.1, momentum=0.9, fused=True)):
+        opt.step()
+        assert peak_temporary_bytes(opt.step) <= 8 * len(params) + 64
+
+
+# --------------------------------------------------------------------------------------------
+# the torch.compile back end (other devices; forced here on the CPU)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def compile_backend() -> Iterator[Any]:
+    """Force the compile back end with dynamo's counting ``eager`` backend (fast, counts compilations)."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    saved = dict(_fused._compiled)
+    _fused._compiled.clear()
+    old = _fused.COMPILE_BACKEND
+    _fused.COMPILE_BACKEND = counter
+    torch._dynamo.reset()
+    try:
+        with _fused.use_backend("compile"):
+            yield counter
+    finally:
+        _fused.COMPILE_BACKEND = old
+        _fused._compiled.clear()
+        _fused._compiled.update(saved)
+        torch._dynamo.reset()
+
+
+def test_compile_backend_compiles_once_per_model(compile_backend: Any) -> None:
+    """One graph per optimizer and model: no recompilation across steps, learning rates, or parameters."""
+    for cls, kw in ((torch_adamp.AdamP, {}), (torch_adamp.SGDP, dict(momentum=0.9, nesterov=True))):
+        before = compile_backend.frame_count
+        got, views = run(lambda ps, cls=cls, kw=kw: cls(ps, lr=1e-2, fused=True, track_stats=True, **kw), steps=6)
+        ref, ref_views = run(lambda ps, cls=cls, kw=kw: cls(ps, lr=1e-2, foreach=True, track_stats=True, **kw), steps=6)
+        assert compile_backend.frame_count - before == 1
+        assert views == ref_views
+        assert rel(got, ref) < 1e-6
+    # a new learning rate (float or tensor) is data, not a recompilation
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(8, 3), (5,)]]
+    opt = torch_adamp.AdamP(params, lr=1e-2, fused=True)
+    frames = compile_backend.frame_count
+    for step, lr in enumerate([1e-2, 3e-3, 1e-3, 7e-4]):
+        opt.param_groups[0]["lr"] = lr
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        if step == 0:
+            frames = compile_backend.frame_count
+    assert compile_backend.frame_count == frames
+
+
+def test_compile_backend_with_inductor() -> None:
+    """The real compile back end (inductor) on a small model: the reference's numbers, compiled once."""
+    from torch._dynamo.utils import counters
+
+    _fused._compiled.clear()
+    torch._dynamo.reset()
+    counters.clear()
+    shapes = [(8, 4, 3, 3), (8,), (6, 10)]
+    kw: dict[str, Any] = dict(lr=1e-2, weight_decay=1e-2, track_stats=True)
+    try:
+        with _fused.use_backend("compile"):
+            got, views = run(lambda ps: torch_adamp.AdamP(ps, fused=True, **kw), shapes, steps=5)
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        _fused._compiled.clear()
+        torch._dynamo.reset()
+    ref, ref_views = run(lambda ps: torch_adamp.AdamP(ps, foreach=False, **kw), shapes, steps=5)
+    assert views == ref_views
+    assert rel(got, ref) < 1e-6
+
+
+@pytest.mark.parametrize(("nesterov", "wd", "pm"), list(itertools.product((False, True), (0.0, 1e-3), (False, True))))
+def test_every_specialised_sgdp_loop(nesterov: bool, wd: float, pm: bool) -> None:
+    """Each specialised loop of the kernel (nesterov x decay x buffer projection) against the single path."""
+    kw: dict[str, Any] = dict(lr=1e-2, momentum=0.9, nesterov=nesterov, weight_decay=wd, project_momentum=pm)
+    got, views = run(lambda ps: torch_adamp.SGDP(ps, fused=True, track_stats=True, **kw), steps=4)
+    ref, ref_views = run(lambda ps: torch_adamp.SGDP(ps, foreach=False, track_stats=True, **kw), steps=4)
+    assert views == ref_views
+    assert rel(got, ref) < 1e-6
