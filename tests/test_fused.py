@@ -232,12 +232,12 @@ def test_threads_give_identical_results(stage_bytes: int, monkeypatch: pytest.Mo
 
 @pytest.mark.parametrize("options", [{}, {"nesterov": True}, {"scale_invariant": "layer"}, {"maximize": True}])
 def test_adamp_staged_and_unstaged_schemes_agree(options: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    """AdamP tensors above ``_fused.STAGE_BYTES`` take the other sweep scheme: the same bits."""
+    """AdamP tensors above ``_fused.STAGE_BYTES`` take the other sweep scheme: the same numbers and views."""
     kw: dict[str, Any] = dict(lr=1e-2, weight_decay=1e-2, track_stats=True, fused=True, **options)
     staged = run(lambda ps: torch_adamp.AdamP(ps, **kw))
     monkeypatch.setattr(_fused, "STAGE_BYTES", 0)
     unstaged = run(lambda ps: torch_adamp.AdamP(ps, **kw))
-    assert rel(staged[0], unstaged[0]) == 0.0
+    assert rel(staged[0], unstaged[0]) < 1e-6  # bitwise with GCC 12; the loops differ, so not guaranteed
     assert staged[1] == unstaged[1]
 
 
@@ -354,3 +354,18 @@ def test_every_specialised_sgdp_loop(nesterov: bool, wd: float, pm: bool) -> Non
     ref, ref_views = run(lambda ps: torch_adamp.SGDP(ps, foreach=False, track_stats=True, **kw), steps=4)
     assert views == ref_views
     assert rel(got, ref) < 1e-6
+
+
+def test_fake_tensor_mode_step() -> None:
+    """Under FakeTensorMode (memory estimators trace a step this way) the kernel is never called on fakes."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    params = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(4))]
+    for cls, kw in ((torch_adamp.AdamP, {}), (torch_adamp.SGDP, dict(lr=0.1, momentum=0.9))):
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fakes = [mode.from_tensor(p) for p in params]
+            for f in fakes:
+                f.grad = mode.from_tensor(torch.randn(f.shape))
+            opt = cls(fakes, fused=True, **kw)
+            opt.step()
+            assert all(isinstance(t, FakeTensor) for st in opt.state.values() for t in st.values())
