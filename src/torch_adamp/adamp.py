@@ -241,10 +241,11 @@ class AdamP(ProjectedOptimizer):
         scale_invariant: ``"auto"`` (the paper's cosine test), ``"channel"`` or
             ``"layer"`` (always project in that view), or ``False`` (never: AdamW).
         maximize: maximise the objective.
-        foreach: multi-tensor implementation (default on); ``False`` runs the
+        foreach: ``True``: multi-tensor implementation; ``False``: the
             per-tensor reference-order loop (bitwise equal to ``adamp``).
-        fused: compiled implementation (``torch.compile``), fastest after a
-            one-off compile per model.
+        fused: ``True``: the native kernel on the CPU, ``torch.compile`` of the
+            step elsewhere (compiled once per model). With neither set, the
+            default is fused on the CPU and multi-tensor elsewhere.
         capturable: keep step counters on the device (CUDA graphs).
         track_stats: record per-parameter statistics, read with :meth:`stats`.
         fp32_state: moments of float16/bfloat16 parameters are kept in float32

@@ -191,9 +191,11 @@ class SGDP(ProjectedOptimizer):
             keeps the raw gradients (paper box, timm, pytorch_optimizer).
         scale_invariant: ``"auto"``, ``"channel"``, ``"layer"`` or ``False``.
         maximize: maximise the objective.
-        foreach: multi-tensor implementation (default on); ``False`` runs the
+        foreach: ``True``: multi-tensor implementation; ``False``: the
             per-tensor reference-order loop (bitwise equal to ``adamp``).
-        fused: compiled implementation (``torch.compile``).
+        fused: ``True``: the native kernel on the CPU, ``torch.compile`` of the
+            step elsewhere. With neither set, the default is fused on the CPU and
+            multi-tensor elsewhere.
         track_stats: record per-parameter statistics, read with :meth:`stats`.
         fp32_state: moments of float16/bfloat16 parameters in float32 (default)
             or in the parameter dtype; the math always runs in float32.
