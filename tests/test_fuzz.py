@@ -72,10 +72,16 @@ def test_paths_agree_and_never_raise(
         assert a.dtype == dtype
     # Gradients whose squares overflow the float32 math (|g| > 1.8e19), or that do not fit the
     # dtype at all, give non-finite moments as in AdamW: only "no exception" is promised there.
-    compute_max = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max
+    compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    compute_max = torch.finfo(compute_dtype).max
     if magnitude**2 < compute_max and magnitude < torch.finfo(dtype).max:
+        tol = tolerance(dtype)
+        # the paths round the radial part of the update differently: allow a few ulps of the
+        # step's size (SGDP: lr * |momentum buffer| <= 0.1 * 10 * |g|; AdamP: lr * |m / sqrt(v)| ~ 1e-2)
+        step_size = magnitude if name == "sgdp" else 1e-2
+        tol["atol"] = max(tol["atol"], 64 * torch.finfo(compute_dtype).eps * step_size)
         for a, b in zip(*results, strict=True):
-            torch.testing.assert_close(a, b, equal_nan=True, **tolerance(dtype))
+            torch.testing.assert_close(a, b, equal_nan=True, **tol)
 
 
 @settings(max_examples=150, deadline=None)
