@@ -241,6 +241,80 @@ def test_adamp_staged_and_unstaged_schemes_agree(options: dict[str, Any], monkey
     assert staged[1] == unstaged[1]
 
 
+#: per step, the gradient kind of a tensor (offset by its index): runs of one view, so that the view
+#: guessed from the last step is right, then changes (channel, layer, none in every order); the last
+#: step puts a NaN in every gradient (a NaN spreads through the moments, so only at the end)
+SPEC_SCHEDULE = ["channel", "channel", "channel", "none", "none", "channel", "layer", "layer", "channel", "none"]
+SPEC_SCHEDULE += ["layer", "none", "channel", "none", "channel"]
+SPEC_STEPS = 2 * len(SPEC_SCHEDULE) + 1
+
+
+def _spec_grads(params: list[Tensor], step: int, gen: torch.Generator) -> list[Tensor]:
+    out = []
+    for i, p in enumerate(params):
+        kind = "nan" if step == SPEC_STEPS - 1 else SPEC_SCHEDULE[(step + i) % len(SPEC_SCHEDULE)]
+        g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        if kind in ("channel", "layer"):
+            g = _orthogonal(p.detach(), g, rows=kind == "channel")
+        g = g.to(p.dtype)
+        if kind == "nan":
+            g.view(-1)[g.numel() // 2] = float("nan")
+        out.append(g)
+    return out
+
+
+def _spec_run(options: dict[str, Any], stage_bytes: int, threads: int) -> tuple[list[Tensor], list[Any]]:
+    """Params, moments and views of every step with AdamP(fused) at the given staging threshold."""
+    _native.forget()
+    old_stage, old_threads = _fused.STAGE_BYTES, torch.get_num_threads()
+    _fused.STAGE_BYTES = stage_bytes
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(3)
+        shapes = [(16, 8, 3, 3), (12, 20), (6, 1, 5), (1, 30), (300, 130)]  # the last one above PAR_MIN
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        opt = torch_adamp.AdamP(params, lr=3e-2, weight_decay=1e-2, fused=True, track_stats=True, **options)
+        views = []
+        for step in range(SPEC_STEPS):
+            for p, g in zip(params, _spec_grads(params, step, gen), strict=True):
+                p.grad = g
+            opt.step()
+            views.append([opt.stats()[f"group0.param{i}/view"] for i in range(len(params))])
+        moments = [opt.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq")]
+        return [p.detach() for p in params] + moments, views
+    finally:
+        _fused.STAGE_BYTES = old_stage
+        torch.set_num_threads(old_threads)
+
+
+SPEC_OPTIONS = [{}, {"nesterov": True}, {"maximize": True, "betas": (0.8, 0.99)}, {"scale_invariant": "channel"}]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("options", SPEC_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_speculative_sweep_is_exact_whatever_the_guess(options: dict[str, Any], threads: int) -> None:
+    """Tensors too large to stage are stepped under the view they took at their last step, and stepped
+    again from a copy of their old values when the decision differs: bitwise the staged scheme (the same
+    row sums, u and update arithmetic), whatever the guess, thread count or NaN."""
+    right, wrong = _native.speculation_counts()
+    speculative = _spec_run(options, stage_bytes=0, threads=threads)
+    right, wrong = (a - b for a, b in zip(_native.speculation_counts(), (right, wrong), strict=True))
+    spare = _native.spare_bytes()
+    staged = _spec_run(options, stage_bytes=1 << 30, threads=threads)
+    assert speculative[1] == staged[1]
+    for a, b in zip(speculative[0], staged[0], strict=True):
+        assert a.isnan().sum() <= a.numel() // a.shape[0]  # one row at most: the comparison is not vacuous
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert {v for step in staged[1] for v in step} == ({1.0} if options.get("scale_invariant") else {0.0, 1.0, 2.0})
+    if options.get("scale_invariant") == "channel":
+        assert (right, wrong) == (0, 0)  # forced channel view: one sweep, no copy, nothing to guess
+    else:  # both outcomes occurred (30 tensors x steps: every schedule transition, many times)
+        assert right > 10 and wrong > 10, (right, wrong)
+        assert spare >= 300 * 130 * 4  # kept for the next step: fresh pages would fault every step
+    _native.forget()
+    assert _native.spare_bytes() == 0
+
+
 def test_default_path_is_fused_on_cpu_and_foreach_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     kw: dict[str, Any] = dict(lr=1e-2, weight_decay=1e-2, track_stats=True)
     fused, _ = run(lambda ps: torch_adamp.AdamP(ps, fused=True, **kw))

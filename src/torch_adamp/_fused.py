@@ -42,11 +42,11 @@ from torch import Tensor
 from . import _native, _update, projection
 
 #: AdamP tensors up to this many bytes take the native kernel's staged scheme (u kept in a scratch buffer
-#: for a second sweep that reads from the cache); larger ones a read-only first pass, then rows (see
-#: :mod:`torch_adamp._native`). Same arithmetic, same decisions; the row sums may differ in the last bit
-#: (different loops). Measured on the development machine (1 MiB L2, 32 MiB L3): 1 MiB keeps ViT-B/16's
-#: 2-9 MiB matrices on the second scheme (staging them costs 7-9%) and gains 7% on ResNet-50 and 15% on
-#: the 1000 x (64, 64) set.
+#: for a second sweep that reads from the cache); larger ones the speculative sweep under the view of their
+#: last step, or, without one, a read-only first pass, then rows (see :mod:`torch_adamp._native`). Same
+#: arithmetic and decisions in every scheme. Measured on the development machine (1 MiB L2, 32 MiB L3):
+#: staging beats the two-pass scheme up to about 1 MiB (7% on ResNet-50, 15% on 1000 x (64, 64)); with
+#: the speculative sweep above it, thresholds from 0 to 1 MiB measured within noise on ResNet-50.
 STAGE_BYTES = 1 << 20
 
 MODES: dict[projection.ScaleInvariant, int] = {False: 0, "auto": 1, "channel": 2, "layer": 3}
@@ -604,12 +604,17 @@ def fused_sgdp(
 
 def native_scratch_bytes(kind: str, params: Sequence[Tensor], threads: int | None = None) -> int:
     """C-heap scratch of one native call (invisible to torch's allocator statistics): row sums, plus
-    for AdamP one row of ``u`` per thread, plus the pointer and shape arrays."""
+    for AdamP one row of ``u`` per thread, the staging buffer, and the spare block of the speculative
+    sweep (the largest tensor above :data:`STAGE_BYTES`; kept between steps, see
+    :func:`torch_adamp._native.forget`), plus the pointer and shape arrays."""
     rows = [p.size(0) if p.dim() > 1 and p.numel() > 0 else 0 for p in params]
     cols = [p.numel() // r if r else p.numel() for p, r in zip(params, rows, strict=True)]
     item = 8 if any(p.dtype is torch.float64 for p in params) else 4
-    scratch = 4 * item * max(rows, default=1)
+    scratch = 4 * item * max(rows, default=1) + max(rows, default=1)
     if kind == "adamp":
-        scratch += item * max(cols, default=1) * (threads or _threads())
-    per_tensor = (5 if kind == "adamp" else 3) * 8 + 2 * 8 + 8  # pointers, (rows, cols), view code
+        large = [r * c for r, c in zip(rows, cols, strict=True) if r and r * c * item > STAGE_BYTES]
+        small = [r * c for r, c in zip(rows, cols, strict=True) if r and r * c * item <= STAGE_BYTES]
+        row = max((c for r, c in zip(rows, cols, strict=True) if r and r * c * item > STAGE_BYTES), default=1)
+        scratch += item * (row * (threads or _threads()) + max(small, default=0) + max(large, default=0))
+    per_tensor = (5 if kind == "adamp" else 3) * 8 + 2 * 8 + 8 + (9 if kind == "adamp" else 0)
     return scratch + per_tensor * len(params)

@@ -38,13 +38,17 @@ Method, and why:
 * **Memory**: state bytes are the tensors in ``optimizer.state``; peak
   temporaries are the high-water mark of the bytes that torch ops allocate (and
   have not freed) during one step, plus, for the native kernel, its C scratch.
-* **Lower bound**: bytes that must move per parameter (AdamW 28: read w, g, m,
-  v, write w, m, v; AdamP 36: the scale-invariance test needs ``<w,g>``,
-  ``||w||`` and ``||g||`` of the whole tensor before ``w`` may change, so ``w``
-  and ``g`` of projectable tensors are read twice; SGD 20; SGDP 28), divided by
-  a measured in-place streaming bandwidth (the best of ``a.mul_(1)`` and
-  ``a.add_(b)`` on buffers larger than the caches; ``b.copy_(a)`` is printed
-  too), and the bandwidth the fused steps actually achieve over those bytes.
+* **Lower bound**: bytes that must move per parameter in the steady state
+  (AdamW 28: read w, g, m, v, write w, m, v; SGD 20; SGDP 28: the
+  scale-invariance test needs ``<w,g>``, ``||w||`` and ``||g||`` of the whole
+  tensor before ``w`` may change, so ``w`` and ``g`` of projectable tensors are
+  read twice; AdamP 28 for tensors small enough to stage in the cache, 32 for
+  larger projectable ones: the speculative sweep under the view of the last
+  step also copies the old ``w``, and the first step, without a guess, reads
+  ``w`` and ``g`` twice: 36), divided by a measured in-place streaming
+  bandwidth (the best of ``a.mul_(1)`` and ``a.add_(b)`` on buffers larger than
+  the caches; ``b.copy_(a)`` is printed too), and the bandwidth the fused steps
+  actually achieve over those bytes.
   Fused kernels with more concurrent streams can beat the simple-op figure, so
   the "bound" is a yardstick, not a guarantee.
 """
@@ -361,7 +365,9 @@ def bytes_moved(params: Sequence[Tensor], family: str, projected: bool) -> int:
     """Lower bound of the memory traffic of one step (see the module docstring)."""
     per = 28 if family == "adam" else 20
     total = sum(per * p.numel() for p in params)
-    if projected:
+    if projected and family == "adam":  # the copy of w made by the speculative sweep (native kernel)
+        total += sum(4 * p.numel() for p in params if projection.projectable(p) and p.numel() * 4 > _fused.STAGE_BYTES)
+    elif projected:
         total += sum(8 * p.numel() for p in params if projection.projectable(p))
     return total
 
