@@ -133,7 +133,8 @@ class ProjectedOptimizer(Optimizer):
         """Refuse sparse gradients before anything is modified."""
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
-                if p.grad is not None and p.grad.is_sparse:
+                g = p.grad
+                if g is not None and g.is_sparse:
                     raise RuntimeError(
                         f"{type(self).__name__} does not support sparse gradients, but "
                         f"{self._describe(group, i, p)} has one; use dense gradients "

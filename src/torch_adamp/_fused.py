@@ -180,7 +180,7 @@ def _native_group(
         write_back = list(zip(lists[0], p32, strict=True))
         lists = [p32, [g.float() for g in lists[1]], *lists[2:]]
     ptrs = array("q", [t.data_ptr() for lst in lists for t in lst])
-    meta = array("q", numel + [p.size(0) if p.dim() > 1 else 0 for p in lists[0]])
+    meta = array("q", numel + [s[0] if len(s) > 1 else 0 for s in [p.shape for p in lists[0]]])
     if call(fn, n, ptrs.buffer_info()[0], meta.buffer_info()[0], codes.data_ptr()) != 0:
         raise MemoryError(f"torch_adamp: the fused {kind} kernel could not allocate its scratch (nothing was updated)")
     for p, p32_ in write_back:
@@ -262,7 +262,7 @@ def _sgdp_native(
 
     def call(fn: Any, n: int, ptrs: int, meta: int, views: int) -> int:
         return int(fn(n, ptrs, meta, lr_v, momentum, dampening, weight_decay, eps, delta, wd_ratio, nesterov,
-                      maximize, project_momentum, mode, views, _threads()))  # fmt: skip
+                      maximize, project_momentum, mode, views, _threads(), STAGE_BYTES))  # fmt: skip
 
     codes, refused = _native_group("sgdp", params, grads, (momentum_buffers,), None, call)
     if refused:

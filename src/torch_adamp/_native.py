@@ -32,12 +32,17 @@ Why a hand-written kernel rather than ``torch.compile`` on CPU (measured on the
   per-thread buffer while it sums ``<w,u>``, then projects and steps (the row
   is still in L1/L2); only the layer view needs a sweep for the whole-tensor
   ``<w,u>`` first. ``scale_invariant="channel"`` needs no guess and no copy: one
-  sweep. SGDP (whose direction costs no division): always sweep A (buffer
-  update, row sums and ``<w,d>``) then sweep B. Tensors that are never
-  projected take one sweep, like torch's fused kernels. Traffic from memory
-  for tensors larger than the cache, per parameter: AdamP 32 bytes when the
-  guess holds (AdamW: 28; the copy adds 4), 36 without a guess (``w`` and
-  ``g`` read twice), up to 44 when the guess is wrong; SGDP 28-32 (SGD: 20).
+  sweep. SGDP (whose direction costs no division): sweep A (buffer update, row
+  sums and ``<w,d>``) then sweep B; tensors above the same threshold are
+  speculated the same way (sweep A then B per row, the old row copied), except
+  under a channel guess when the projected direction is stored in the buffer
+  (the default ``project_momentum=True`` without nesterov): the buffer would
+  need a copy too, and that measured slower than the two sweeps. Tensors
+  that are never projected take one sweep, like torch's fused kernels. Traffic
+  from memory for tensors larger than the cache, per parameter: AdamP 32 bytes
+  when the guess holds (AdamW: 28; the copy adds 4), 36 without a guess (``w``
+  and ``g`` read twice), up to 44 when the guess is wrong; SGDP 24 when
+  speculated, 28-32 otherwise (SGD: 20).
 
 The operation order mirrors the reference package element by element (``m *
 b1`` then a fused multiply-add like ``add_(alpha=)``, the same scalar roundings
@@ -766,21 +771,94 @@ static void FN(sgd_step_any)(const FN(hyp_t) * h, T* p, const T* g, T* b, int64_
 }
 
 /* ptrs: n params, n grads, n momentum buffers; meta as for AdamP */
+/* The speculative sweep of SGDP (tensors above spec_bytes under MODE_AUTO, guessed view CHANNEL or NONE, and
+   the buffer not receiving the projected direction under that view): per row, sweep A then, while the guess
+   holds, sweep B at once, the old row first streamed to bak. Wrong guess: the written rows are restored
+   (the buffer is as after sweep A) and the caller runs sweep B under the decided view. Either way bitwise
+   the two-sweep result. Returns whether the guess held (*view: the decided view; tot: the totals). */
+static int FN(sgd_speculate)(const FN(hyp_t) * h, T* p, const T* g, T* b, int64_t R, int64_t C, int spec,
+                             double lr, double wd, double momentum, double delta, double wd_ratio, int mode, int nest,
+                             int pm, T* bak, char* written, T* stats, T* tot, int nt, int* view) {
+    const int dec = wd > 0;
+    const T chan_thr = (T)(delta / sqrt((double)C));
+    FN(hyp_t) hs = *h;
+    hs.f = (T)(1 - lr * wd * (spec != VIEW_NONE ? wd_ratio : 1.0) / (1 - momentum));
+    int stop = 0;
+    PFOR(nt > 1 && R > 1 && R * C >= PAR_MIN, r, R, {
+        int64_t o = r * C;
+        T* st = stats + 4 * r;
+        FN(sgd_stats_any)(&hs, p + o, g + o, b + o, C, st, nest);
+        int write = !__atomic_load_n(&stop, __ATOMIC_RELAXED);
+        if (write && spec == VIEW_CHANNEL && !FN(passes)(st, hs.eps, chan_thr)) {
+            __atomic_store_n(&stop, 1, __ATOMIC_RELAXED);
+            write = 0;
+        }
+        if (write) {
+            STREAM_COPY(bak + o, p + o, C);
+            T c = spec == VIEW_CHANNEL ? FN(coef)(st[3], st[1], hs.eps) : 0;
+            FN(sgd_step_any)(&hs, p + o, g + o, b + o, C, c, nest, dec, pm,
+                             spec == VIEW_CHANNEL ? KIND_AFTER_PROJ : KIND_AFTER);
+        }
+        written[r] = (char)write;
+    });
+    STREAM_FENCE();
+    *view = FN(decide_from)(stats, R, C, hs.eps, delta, mode, tot);
+    __atomic_add_fetch(*view == spec ? &spec_right : &spec_wrong, 1, __ATOMIC_RELAXED);
+    if (*view == spec) return 1;
+    PFOR(nt > 1 && R > 1 && R * C >= PAR_MIN, r, R, {
+        if (written[r]) {
+            int64_t o = r * C;
+            memcpy(p + o, bak + o, sizeof(T) * C);
+        }
+    });
+    return 0;
+}
+
+/* ptrs: n params, n grads, n momentum buffers; meta as for AdamP; tensors above spec_bytes are speculated */
 int FN(torch_adamp_sgdp)(int64_t n, const int64_t* ptrs, const int64_t* meta, double lr, double momentum,
                            double dampening, double wd, double eps, double delta, double wd_ratio, int nest,
-                           int maximize, int project_momentum, int mode, int64_t* views, int nt) {
+                           int maximize, int project_momentum, int mode, int64_t* views, int nt, int64_t spec_bytes) {
+    const int pm = project_momentum && !nest;
     int64_t max_r = 1, R, C;
+    if (nt < 1) nt = 1;
+    int64_t* keys = (int64_t*)calloc(n > 0 ? (size_t)n : 1, sizeof(int64_t));
+    signed char* guess = (signed char*)malloc(n > 0 ? (size_t)n : 1);
+    if (!keys || !guess) {
+        free(keys);
+        free(guess);
+        return -1;
+    }
     for (int64_t i = 0; i < n; i++) {
         shape_of(meta, n, i, &R, &C);
         if (R > max_r) max_r = R;
+        if (R > 0 && mode == MODE_AUTO && (int64_t)sizeof(T) * R * C > spec_bytes) keys[i] = ptrs[i];
     }
-    if (nt < 1) nt = 1;
+    hints_get(keys, n, guess);
+    size_t bak_bytes = 0; /* the old rows of the largest speculated tensor */
+    for (int64_t i = 0; i < n; i++) {
+        /* a channel guess with the projected direction stored in the buffer would copy the buffer too:
+           measured slower than the two sweeps (ResNet-50 shapes: 1.52-1.61 x torch's fused SGD, against
+           1.44-1.46), so those tensors keep the two sweeps */
+        if (pm && guess[i] == VIEW_CHANNEL) guess[i] = -1;
+        if (guess[i] != VIEW_CHANNEL && guess[i] != VIEW_NONE) continue;
+        shape_of(meta, n, i, &R, &C);
+        if ((size_t)(R * C) * sizeof(T) > bak_bytes) bak_bytes = (size_t)(R * C) * sizeof(T);
+    }
     T* stats = (T*)malloc(sizeof(T) * 4 * max_r);
-    if (!stats) return -1; /* nothing modified yet */
+    char* written = (char*)malloc((size_t)max_r);
+    T* bak = bak_bytes > 0 ? (T*)spare_take(&bak_bytes) : NULL;
+    if (!stats || !written || (bak_bytes > 0 && !bak)) { /* nothing modified yet */
+        free(stats);
+        free(written);
+        spare_give(bak, bak_bytes);
+        free(keys);
+        free(guess);
+        return -1;
+    }
     FN(hyp_t) h;
     h.eps = (T)eps; h.mom = (T)momentum; h.damp1 = (T)(1 - dampening); h.ss = (T)(-lr);
     h.sgn = maximize ? (T)-1 : (T)1;
-    const int dec = wd > 0, pm = project_momentum && !nest;
+    const int dec = wd > 0;
     for (int64_t i = 0; i < n; i++) {
         T* p = (T*)ptrs[i];
         const T* g = (const T*)ptrs[n + i];
@@ -788,7 +866,19 @@ int FN(torch_adamp_sgdp)(int64_t n, const int64_t* ptrs, const int64_t* meta, do
         shape_of(meta, n, i, &R, &C);
         int view = VIEW_NONE, kind = KIND_PLAIN;
         T coef_l = 0, tot[3];
-        if (R > 0 && mode != MODE_NEVER) { /* sweep A: the buffer, and the four row sums */
+        if (R > 0 && (guess[i] == VIEW_CHANNEL || guess[i] == VIEW_NONE)) {
+            if (FN(sgd_speculate)(&h, p, g, b, R, C, guess[i], lr, wd, momentum, delta, wd_ratio, mode, nest, pm,
+                                  bak, written, stats, tot, nt, &view)) {
+                views[i] = view;
+                continue;
+            } /* wrong guess: the rows are as after sweep A; sweep B below */
+            kind = view == VIEW_NONE ? KIND_AFTER : KIND_AFTER_PROJ;
+            if (view == VIEW_LAYER) {
+                T wd_sum = 0;
+                for (int64_t r = 0; r < R; r++) wd_sum += stats[4 * r + 3];
+                coef_l = FN(coef)(wd_sum, tot[1], h.eps);
+            }
+        } else if (R > 0 && mode != MODE_NEVER) { /* sweep A: the buffer, and the four row sums */
             PFOR(nt > 1 && R > 1 && R * C >= PAR_MIN, r, R, {
                 int64_t o = r * C;
                 FN(sgd_stats_any)(&h, p + o, g + o, b + o, C, stats + 4 * r, nest);
@@ -822,7 +912,13 @@ int FN(torch_adamp_sgdp)(int64_t n, const int64_t* ptrs, const int64_t* meta, do
             });
         }
     }
+    for (int64_t i = 0; i < n; i++) guess[i] = keys[i] != 0 ? (signed char)views[i] : -1;
+    hints_put(keys, n, guess);
     free(stats);
+    free(written);
+    spare_give(bak, bak_bytes);
+    free(keys);
+    free(guess);
     return 0;
 }
 """
@@ -944,8 +1040,9 @@ def _bind(lib: ctypes.CDLL) -> None:
         fn.argtypes = [i64, ptr, ptr, f64, f64, f64, f64, f64, f64, f64, i32, i32, i32, ptr, i32, i64]
         fn = getattr(lib, f"torch_adamp_sgdp_{sfx}")
         fn.restype = i32
-        # n, ptrs, meta, lr, momentum, dampening, wd, eps, delta, wd_ratio, nesterov, maximize, pm, mode, views, threads
-        fn.argtypes = [i64, ptr, ptr, f64, f64, f64, f64, f64, f64, f64, i32, i32, i32, i32, ptr, i32]
+        # n, ptrs, meta, lr, momentum, dampening, wd, eps, delta, wd_ratio, nesterov, maximize, pm, mode, views,
+        # threads, speculation threshold (bytes)
+        fn.argtypes = [i64, ptr, ptr, f64, f64, f64, f64, f64, f64, f64, i32, i32, i32, i32, ptr, i32, i64]
 
 
 def load() -> ctypes.CDLL | None:
