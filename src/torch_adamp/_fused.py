@@ -142,7 +142,8 @@ def _native_group(
     steps: Sequence[Tensor] | None,
     call: Callable[[Any, int, int, int, int], int],
 ) -> tuple[Tensor, list[int]]:
-    """Pack raw pointers of one same-dtype CPU group and run ``call(fn, n, ptrs, meta, views)``.
+    """Pack raw pointers of one same-dtype CPU group (``params`` all on the CPU, of one dtype: the callers
+    group them so) and run ``call(fn, n, ptrs, meta, views)``.
 
     Returns the view codes of the tensors the kernel took and the indices it
     refused (those run on the multi-tensor path): the kernel reads raw buffers,
@@ -156,7 +157,7 @@ def _native_group(
     dtype = params[0].dtype
     cdt = _update.compute_dtype(dtype)
     fn = getattr(lib, f"torch_adamp_{kind}_{'f64' if cdt is torch.float64 else 'f32'}")
-    numel = _sizes(params, dtype)
+    numel = [p.numel() if p.is_contiguous() else -1 for p in params]  # one CPU dtype: see _partition
     others = [_sizes(grads, dtype), *(_sizes(lst, cdt) for lst in states)]
     steps_ok = steps is None or all([s.is_cpu and s.dtype is torch.float32 and s.numel() == 1 for s in steps])
     lists: list[Sequence[Tensor]] = [params, grads, *states] + ([steps] if steps is not None else [])

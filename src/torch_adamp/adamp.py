@@ -301,13 +301,12 @@ class AdamP(ProjectedOptimizer):
                 raise ValueError(f"Invalid beta parameter at index {k}: {b!r}; expected 0 <= beta < 1")
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor], views: list[Tensor | None] | None) -> None:
-        for p in params:
-            state = self.state[p]
+        states = [self.state[p] for p in params]  # one lookup per parameter (Tensor.__hash__ is Python)
+        for p, state in zip(params, states, strict=True):
             if "exp_avg" not in state:
                 state["step"] = self._new_step(p, group)
                 state["exp_avg"] = self._zeros_state(p, group)
                 state["exp_avg_sq"] = self._zeros_state(p, group)
-        states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         dist, lists = self._dist(
             group,

@@ -257,11 +257,12 @@ class SGDP(ProjectedOptimizer):
             )
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor], views: list[Tensor | None] | None) -> None:
-        for p in params:
-            if "momentum" not in self.state[p]:
-                self.state[p]["momentum"] = self._zeros_state(p, group)
+        states = [self.state[p] for p in params]  # one lookup per parameter (Tensor.__hash__ is Python)
+        for p, state in zip(params, states, strict=True):
+            if "momentum" not in state:
+                state["momentum"] = self._zeros_state(p, group)
         dist, lists = self._dist(
-            group, params, [p.grad for p in params], [self.state[p]["momentum"] for p in params]
+            group, params, [p.grad for p in params], [s["momentum"] for s in states]
         )  # DTensors (FSDP2) -> local shards
         sgdp(
             *lists,
