@@ -277,13 +277,15 @@ INL int FN(passes)(const T* st, T eps, T thr) {
 static int FN(decide_from)(const T* stats, int64_t R, int64_t C, T eps, double delta, int mode, T* tot) {
     T chan_thr = (T)(delta / sqrt((double)C)), layer_thr = (T)(delta / sqrt((double)(R * C)));
     int64_t fails = 0;
+    if (mode == MODE_AUTO) { /* per row, element-wise: vectorised across rows (the same bits) */
+#pragma omp simd reduction(+ : fails)
+        for (int64_t r = 0; r < R; r++) fails += !FN(passes)(stats + 4 * r, eps, chan_thr);
+    }
     tot[0] = tot[1] = tot[2] = 0;
-    for (int64_t r = 0; r < R; r++) {
-        const T* st = stats + 4 * r;
-        fails += !FN(passes)(st, eps, chan_thr);
-        tot[0] += st[0];
-        tot[1] += st[1];
-        tot[2] += st[2];
+    for (int64_t r = 0; r < R; r++) { /* in row order, whatever the thread count */
+        tot[0] += stats[4 * r];
+        tot[1] += stats[4 * r + 1];
+        tot[2] += stats[4 * r + 2];
     }
     if (mode == MODE_CHANNEL) return VIEW_CHANNEL;
     if (mode == MODE_LAYER) return VIEW_LAYER;
@@ -302,6 +304,12 @@ static int FN(decide)(const T* p, const T* g, int64_t R, int64_t C, T sgn, T eps
 INL T FN(coef)(T wu, T ww, T eps) {
     T nrm = SQRT(ww) + eps;
     return wu / (nrm * nrm);
+}
+
+/* the channel view's coefficient of every row, in place of <w,u> (stats[4r+3]); vectorised across rows */
+static void FN(channel_coefs)(T* stats, int64_t R, T eps) {
+#pragma omp simd
+    for (int64_t r = 0; r < R; r++) stats[4 * r + 3] = FN(coef)(stats[4 * r + 3], stats[4 * r + 1], eps);
 }
 
 /* ================================ AdamP ================================ */
@@ -607,10 +615,10 @@ int FN(torch_adamp_adamp)(int64_t n, const int64_t* ptrs, const int64_t* meta, d
             views[i] = view;
             h.f = (T)(1 - lr * wd * (view != VIEW_NONE ? wd_ratio : 1.0));
             if (view == VIEW_CHANNEL) {
+                FN(channel_coefs)(stats, R, h.eps);
                 PFOR(nt > 1 && R > 1 && R * C >= PAR_MIN, r, R, {
                     int64_t o = r * C;
-                    T c = FN(coef)(stats[4 * r + 3], stats[4 * r + 1], h.eps);
-                    FN(adam_apply_any)(&h, p + o, staged + o, C, c, dec, 1);
+                    FN(adam_apply_any)(&h, p + o, staged + o, C, stats[4 * r + 3], dec, 1);
                 });
             } else {
                 if (view == VIEW_LAYER) {
@@ -898,10 +906,10 @@ int FN(torch_adamp_sgdp)(int64_t n, const int64_t* ptrs, const int64_t* meta, do
         h.f = (T)(1 - lr * wd * (view != VIEW_NONE ? wd_ratio : 1.0) / (1 - momentum));
         int64_t N = R * C;
         if (view == VIEW_CHANNEL) {
+            FN(channel_coefs)(stats, R, h.eps);
             PFOR(nt > 1 && R > 1 && N >= PAR_MIN, r, R, {
                 int64_t o = r * C;
-                T c = FN(coef)(stats[4 * r + 3], stats[4 * r + 1], h.eps);
-                FN(sgd_step_any)(&h, p + o, g + o, b + o, C, c, nest, dec, pm, kind);
+                FN(sgd_step_any)(&h, p + o, g + o, b + o, C, stats[4 * r + 3], nest, dec, pm, kind);
             });
         } else {
             int64_t nblk = (N + BLOCK - 1) / BLOCK;
