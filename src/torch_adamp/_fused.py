@@ -117,12 +117,6 @@ def _bump_versions(tensors: list[Tensor]) -> None:
             torch.autograd.graph.increment_version(t)
 
 
-def _scatter_views(views: list[Tensor | None] | None, idx: Sequence[int], codes: Tensor) -> None:
-    if views is not None and len(idx) > 0:
-        for i, v in zip(idx, codes.unbind(0), strict=True):
-            views[i] = v
-
-
 # ---------------------------------------------------------------------------------------------
 # native back end
 # ---------------------------------------------------------------------------------------------
@@ -466,13 +460,12 @@ def _drive(
         sub = list(lists) if idx is None else [[lst[i] for i in idx] for lst in lists]
         where = range(n) if idx is None else idx
         if use_native:
-            _scatter_views(views, where, native(sub))
+            codes = native(sub)
+            _update.scatter_views(views, where, codes.unbind(0) if views is not None else None)
             continue
-        group_views: list[Tensor | None] | None = [None] * len(where) if views is not None else None
+        group_views = _update.sub_views(views, len(where))
         other(sub, group_views)
-        if views is not None and group_views is not None:
-            for k, i in enumerate(where):
-                views[i] = group_views[k]
+        _update.scatter_views(views, where, group_views)
 
 
 def fused_adamp(

@@ -49,6 +49,21 @@ def group_by_device_and_dtype(indices: Sequence[int], tensors: Sequence[Tensor])
     return groups
 
 
+Views = list[Tensor | None] | None  # per-parameter view codes (0-d tensors), or None when not recorded
+
+
+def sub_views(views: Views, n: int) -> Views:
+    """A fresh list for the views of a sub-group of ``n`` tensors (``None`` when not recorded)."""
+    return [None] * n if views is not None else None
+
+
+def scatter_views(views: Views, idx: Sequence[int], sub: Sequence[Tensor | None] | None) -> None:
+    """Put the views of a sub-group (``sub[k]`` for the tensor at position ``idx[k]``) into ``views``."""
+    if views is not None and sub is not None:
+        for i, v in zip(idx, sub, strict=True):
+            views[i] = v
+
+
 def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 

@@ -148,7 +148,7 @@ def _multi_tensor_adamp(
         else:  # per-tensor step counts, or tensor lr: scale before projecting (it is linear)
             torch._foreach_mul_(U, step_sizes)
             step_size = 1.0
-        group_views: list[Tensor | None] | None = [None] * len(idx) if views is not None else None
+        group_views = _update.sub_views(views, len(idx))
         _update.apply_multi(
             P,
             G,
@@ -168,9 +168,7 @@ def _multi_tensor_adamp(
         _update.write_back(
             [params[i] for i in idx] + [exp_avgs[i] for i in idx] + [exp_avg_sqs[i] for i in idx], P + M + V
         )
-        if views is not None and group_views is not None:
-            for k, i in enumerate(idx):
-                views[i] = group_views[k]
+        _update.scatter_views(views, idx, group_views)
 
 
 def adamp(

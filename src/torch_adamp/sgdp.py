@@ -101,7 +101,7 @@ def _multi_tensor_sgdp(
             torch._foreach_add_(D, G)
         else:
             D = B
-        group_views: list[Tensor | None] | None = [None] * len(idx) if views is not None else None
+        group_views = _update.sub_views(views, len(idx))
         _update.apply_multi(
             P,
             G,
@@ -119,9 +119,7 @@ def _multi_tensor_sgdp(
             dist=dist,
         )
         _update.write_back([params[i] for i in idx] + [momentum_buffers[i] for i in idx], P + B)
-        if views is not None and group_views is not None:
-            for k, i in enumerate(idx):
-                views[i] = group_views[k]
+        _update.scatter_views(views, idx, group_views)
 
 
 def sgdp(
