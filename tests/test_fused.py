@@ -333,6 +333,30 @@ def test_speculative_sweep_is_exact_whatever_the_guess(kind: str, options: dict[
     assert _native.spare_bytes() == 0
 
 
+def test_no_speculation_above_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensors above ``_fused.SPECULATE_MAX_BYTES`` take two passes: no copy kept between steps."""
+    monkeypatch.setattr(_fused, "STAGE_BYTES", 0)
+    monkeypatch.setattr(_fused, "SPECULATE_MAX_BYTES", 40 * 64 * 4 - 1)
+    _native.forget()
+    before = _native.speculation_counts()
+    for make in (lambda ps: torch_adamp.AdamP(ps, fused=True), lambda ps: torch_adamp.SGDP(ps, lr=0.1, fused=True)):
+        p = torch.nn.Parameter(torch.randn(40, 64))
+        opt = make([p])
+        for _ in range(3):
+            p.grad = torch.randn(40, 64)
+            opt.step()
+    assert _native.speculation_counts() == before and _native.spare_bytes() == 0
+    monkeypatch.setattr(_fused, "SPECULATE_MAX_BYTES", 40 * 64 * 4)  # at the cap: speculated
+    p = torch.nn.Parameter(torch.randn(40, 64))
+    opt = torch_adamp.AdamP([p], fused=True)
+    for _ in range(3):
+        p.grad = p.detach() + 0.1 * torch.randn(40, 64)  # along w: the "none" view every step
+        opt.step()
+    assert _native.speculation_counts() == (before[0] + 2, before[1])  # steps 2 and 3, guessed right
+    assert _native.spare_bytes() == 40 * 64 * 4
+    _native.forget()
+
+
 def test_default_path_is_fused_on_cpu_and_foreach_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     kw: dict[str, Any] = dict(lr=1e-2, weight_decay=1e-2, track_stats=True)
     fused, _ = run(lambda ps: torch_adamp.AdamP(ps, fused=True, **kw))

@@ -49,6 +49,10 @@ from . import _native, _update, projection
 #: the speculative sweep above it, thresholds from 0 to 1 MiB measured within noise on ResNet-50.
 STAGE_BYTES = 1 << 20
 
+#: the largest tensor the native kernel speculates on (it keeps a copy of the tensor's size between steps);
+#: larger ones take two passes. Bounds that scratch: an embedding of 50k x 4096 would otherwise hold 800 MB.
+SPECULATE_MAX_BYTES = 64 << 20
+
 MODES: dict[projection.ScaleInvariant, int] = {False: 0, "auto": 1, "channel": 2, "layer": 3}
 
 
@@ -207,7 +211,7 @@ def _adamp_native(
 
     def call(fn: Any, n: int, ptrs: int, meta: int, views: int) -> int:
         return int(fn(n, ptrs, meta, lr_v, beta1, beta2, eps, weight_decay, delta, wd_ratio, nesterov, maximize,
-                      mode, views, _threads(), STAGE_BYTES))  # fmt: skip
+                      mode, views, _threads(), STAGE_BYTES, SPECULATE_MAX_BYTES))  # fmt: skip
 
     codes, refused = _native_group("adamp", params, grads, (exp_avgs, exp_avg_sqs), state_steps, call)
     if refused:
@@ -257,7 +261,8 @@ def _sgdp_native(
 
     def call(fn: Any, n: int, ptrs: int, meta: int, views: int) -> int:
         return int(fn(n, ptrs, meta, lr_v, momentum, dampening, weight_decay, eps, delta, wd_ratio, nesterov,
-                      maximize, project_momentum, mode, views, _threads(), STAGE_BYTES))  # fmt: skip
+                      maximize, project_momentum, mode, views, _threads(), STAGE_BYTES,
+                      SPECULATE_MAX_BYTES))  # fmt: skip
 
     codes, refused = _native_group("sgdp", params, grads, (momentum_buffers,), None, call)
     if refused:
@@ -597,18 +602,19 @@ def fused_sgdp(
 
 
 def native_scratch_bytes(kind: str, params: Sequence[Tensor], threads: int | None = None) -> int:
-    """C-heap scratch of one native call (invisible to torch's allocator statistics): row sums, plus
-    for AdamP one row of ``u`` per thread, the staging buffer, and the spare block of the speculative
-    sweep (the largest tensor above :data:`STAGE_BYTES`; kept between steps, see
-    :func:`torch_adamp._native.forget`), plus the pointer and shape arrays."""
+    """C-heap scratch of one native call (invisible to torch's allocator statistics): row sums, the spare
+    block of the speculative sweep (the largest projectable tensor above :data:`STAGE_BYTES`; kept between
+    steps, see :func:`torch_adamp._native.forget`), for AdamP one row of ``u`` per thread and the staging
+    buffer, plus the pointer, shape and hint arrays."""
     rows = [p.size(0) if p.dim() > 1 and p.numel() > 0 else 0 for p in params]
     cols = [p.numel() // r if r else p.numel() for p, r in zip(params, rows, strict=True)]
     item = 8 if any(p.dtype is torch.float64 for p in params) else 4
-    scratch = 4 * item * max(rows, default=1) + max(rows, default=1)
+    large = [(r, c) for r, c in zip(rows, cols, strict=True) if r and r * c * item > STAGE_BYTES]
+    spec = [r * c for r, c in large if r * c * item <= SPECULATE_MAX_BYTES]
+    scratch = 4 * item * max(rows, default=1) + max(rows, default=1) + item * max(spec, default=0)
     if kind == "adamp":
-        large = [r * c for r, c in zip(rows, cols, strict=True) if r and r * c * item > STAGE_BYTES]
         small = [r * c for r, c in zip(rows, cols, strict=True) if r and r * c * item <= STAGE_BYTES]
-        row = max((c for r, c in zip(rows, cols, strict=True) if r and r * c * item > STAGE_BYTES), default=1)
-        scratch += item * (row * (threads or _threads()) + max(small, default=0) + max(large, default=0))
-    per_tensor = (5 if kind == "adamp" else 3) * 8 + 2 * 8 + 8 + (9 if kind == "adamp" else 0)
+        row = max((c for _, c in large), default=1)
+        scratch += item * (row * (threads or _threads()) + max(small, default=0))
+    per_tensor = (5 if kind == "adamp" else 3) * 8 + 2 * 8 + 8 + 9
     return scratch + per_tensor * len(params)

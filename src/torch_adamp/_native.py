@@ -22,7 +22,9 @@ Why a hand-written kernel rather than ``torch.compile`` on CPU (measured on the
   stores, step it. When the decision, taken at the end from the same row sums,
   differs (or a row fails a guessed channel test), the written rows are
   stepped again from the copy under the decided view; the result is bitwise
-  the staged scheme's either way, only slower. Views rarely change between
+  the staged scheme's either way, only slower. Tensors above
+  ``_fused.SPECULATE_MAX_BYTES`` (64 MiB) are not speculated, which bounds the
+  spare block kept between steps. Views rarely change between
   steps (measured, 600 AdamP steps of the Fashion-MNIST BatchNorm CNN: the
   guess was right in 2379 of 2388 sweeps; the conv weights never changed view,
   the classifier's weight sometimes moved between "none" and "layer"), so the
@@ -576,7 +578,7 @@ static int FN(adam_speculate)(const FN(hyp_t) * h, T* p, const T* g, T* m, T* v,
    meta: n numels, then n row counts (0: never projected) */
 int FN(torch_adamp_adamp)(int64_t n, const int64_t* ptrs, const int64_t* meta, double lr, double b1, double b2,
                             double eps, double wd, double delta, double wd_ratio, int nest, int maximize, int mode,
-                            int64_t* views, int nt, int64_t stage_bytes) {
+                            int64_t* views, int nt, int64_t stage_bytes, int64_t spec_max_bytes) {
     const int64_t stage_max = stage_bytes / (int64_t)sizeof(T);
     int64_t max_r = 1, max_c = 1, max_stage = 0, R, C;
     if (nt < 1) nt = 1;
@@ -596,7 +598,7 @@ int FN(torch_adamp_adamp)(int64_t n, const int64_t* ptrs, const int64_t* meta, d
                 if (R * C > max_stage) max_stage = R * C;
             } else {
                 if (C > max_c) max_c = C;
-                if (mode == MODE_AUTO) keys[i] = ptrs[i];
+                if (mode == MODE_AUTO && (int64_t)sizeof(T) * R * C <= spec_max_bytes) keys[i] = ptrs[i];
             }
         }
     }
@@ -900,7 +902,8 @@ static int FN(sgd_speculate)(const FN(hyp_t) * h, T* p, const T* g, T* b, int64_
 /* ptrs: n params, n grads, n momentum buffers; meta as for AdamP; tensors above spec_bytes are speculated */
 int FN(torch_adamp_sgdp)(int64_t n, const int64_t* ptrs, const int64_t* meta, double lr, double momentum,
                            double dampening, double wd, double eps, double delta, double wd_ratio, int nest,
-                           int maximize, int project_momentum, int mode, int64_t* views, int nt, int64_t spec_bytes) {
+                           int maximize, int project_momentum, int mode, int64_t* views, int nt, int64_t spec_bytes,
+                           int64_t spec_max_bytes) {
     const int pm = project_momentum && !nest;
     int64_t max_r = 1, R, C;
     if (nt < 1) nt = 1;
@@ -914,7 +917,8 @@ int FN(torch_adamp_sgdp)(int64_t n, const int64_t* ptrs, const int64_t* meta, do
     for (int64_t i = 0; i < n; i++) {
         shape_of(meta, n, i, &R, &C);
         if (R > max_r) max_r = R;
-        if (R > 0 && mode == MODE_AUTO && (int64_t)sizeof(T) * R * C > spec_bytes) keys[i] = ptrs[i];
+        const int64_t bytes = (int64_t)sizeof(T) * R * C;
+        if (R > 0 && mode == MODE_AUTO && bytes > spec_bytes && bytes <= spec_max_bytes) keys[i] = ptrs[i];
     }
     hints_get(keys, n, guess);
     size_t bak_bytes = 0; /* the old rows of the largest speculated tensor */
@@ -1119,13 +1123,14 @@ def _bind(lib: ctypes.CDLL) -> None:
     for sfx in ("f32", "f64"):
         fn = getattr(lib, f"torch_adamp_adamp_{sfx}")
         fn.restype = i32  # 0, or -1 when the scratch allocation failed (nothing modified)
-        # n, ptrs, meta, lr, b1, b2, eps, wd, delta, wd_ratio, nesterov, maximize, mode, views, threads, stage
-        fn.argtypes = [i64, ptr, ptr, f64, f64, f64, f64, f64, f64, f64, i32, i32, i32, ptr, i32, i64]
+        # n, ptrs, meta, lr, b1, b2, eps, wd, delta, wd_ratio, nesterov, maximize, mode, views, threads, stage,
+        # largest speculated tensor (bytes)
+        fn.argtypes = [i64, ptr, ptr, f64, f64, f64, f64, f64, f64, f64, i32, i32, i32, ptr, i32, i64, i64]
         fn = getattr(lib, f"torch_adamp_sgdp_{sfx}")
         fn.restype = i32
         # n, ptrs, meta, lr, momentum, dampening, wd, eps, delta, wd_ratio, nesterov, maximize, pm, mode, views,
-        # threads, speculation threshold (bytes)
-        fn.argtypes = [i64, ptr, ptr, f64, f64, f64, f64, f64, f64, f64, i32, i32, i32, i32, ptr, i32, i64]
+        # threads, speculation threshold, largest speculated tensor (bytes)
+        fn.argtypes = [i64, ptr, ptr, f64, f64, f64, f64, f64, f64, f64, i32, i32, i32, i32, ptr, i32, i64, i64]
 
 
 def load() -> ctypes.CDLL | None:

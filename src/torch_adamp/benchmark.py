@@ -42,10 +42,11 @@ Method, and why:
   (AdamW 28: read w, g, m, v, write w, m, v; SGD 20; SGDP 28: the
   scale-invariance test needs ``<w,g>``, ``||w||`` and ``||g||`` of the whole
   tensor before ``w`` may change, so ``w`` and ``g`` of projectable tensors are
-  read twice; AdamP 28 for tensors small enough to stage in the cache, 32 for
-  larger projectable ones: the speculative sweep under the view of the last
-  step also copies the old ``w``, and the first step, without a guess, reads
-  ``w`` and ``g`` twice: 36), divided by a measured in-place streaming
+  read twice by the two sweeps (a tensor the kernel speculates on moves 24);
+  AdamP 28 for tensors small enough to stage in the cache, 32 for larger
+  projectable ones: the speculative sweep under the view of the last step also
+  copies the old ``w``, and the first step, without a guess, reads ``w`` and
+  ``g`` twice: 36), divided by a measured in-place streaming
   bandwidth (the best of ``a.mul_(1)`` and ``a.add_(b)`` on buffers larger than
   the caches; ``b.copy_(a)`` is printed too), and the bandwidth the fused steps
   actually achieve over those bytes.
