@@ -5,7 +5,7 @@ Two back ends, chosen per device/dtype group:
 ``native`` (CPU)
     :mod:`torch_adamp._native`: a C kernel per optimizer and dtype (float32,
     float64; half-precision parameters run in float32 through an upcast copy),
-    built with the system C compiler once per machine (about a second, cached)
+    built with the system C compiler once per machine (a few seconds, cached)
     and called through ``ctypes``. One call per group per step, whatever the
     number of tensors; nothing is ever recompiled (no shape or value
     specialisation: ``lr``, step counts and shapes are plain arguments). Under
@@ -90,8 +90,8 @@ def default_is_fused(params: Sequence[Tensor]) -> bool:
     """Whether ``foreach=None, fused=None`` takes the fused path: on CPU, when the native kernels load.
 
     Measured on CPU (docs/performance.md) the native kernel is 3.5-15x faster
-    than the multi-tensor path (and 2.3-4.5x faster than torch's foreach
-    AdamW) for about a second of compilation once per machine, so it is the
+    than the multi-tensor path (and 2.4-4.8x faster than torch's foreach
+    AdamW) for a few seconds of compilation once per machine, so it is the
     CPU default. On other devices the default stays
     multi-tensor: a fused step there needs ``torch.compile`` at the first step.
     """

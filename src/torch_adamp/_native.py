@@ -58,8 +58,8 @@ Any thread count gives identical bits (row sums are formed per row by one
 thread and added in row order); AdamP's two schemes do the same arithmetic
 in different loops (bitwise equal with the GCC 12 build measured here).
 
-Build: the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``), about a
-second, once per machine; the shared object is cached under
+Build: the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``), 3-5
+seconds, once per machine; the shared object is cached under
 ``$TORCH_ADAMP_CACHE_DIR`` (default ``~/.cache/torch_adamp``), keyed by the
 source, the flags, the compiler and the CPU. ``TORCH_ADAMP_NATIVE=0`` disables
 it. When no compiler works, :func:`load` returns ``None`` and the callers fall
