@@ -263,7 +263,9 @@ def _spec_grads(params: list[Tensor], step: int, gen: torch.Generator) -> list[T
     return out
 
 
-def _spec_run(kind: str, options: dict[str, Any], stage_bytes: int, threads: int) -> tuple[list[Tensor], list[Any]]:
+def _spec_run(
+    kind: str, options: dict[str, Any], stage_bytes: int, threads: int, dtype: torch.dtype = torch.float32
+) -> tuple[list[Tensor], list[Any]]:
     """Params, optimizer state and views of every step with AdamP/SGDP(fused) at the given threshold."""
     _native.forget()
     old_stage, old_threads = _fused.STAGE_BYTES, torch.get_num_threads()
@@ -272,7 +274,7 @@ def _spec_run(kind: str, options: dict[str, Any], stage_bytes: int, threads: int
     try:
         gen = torch.Generator().manual_seed(3)
         shapes = [(16, 8, 3, 3), (12, 20), (6, 1, 5), (1, 30), (300, 130)]  # the last one above PAR_MIN
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in shapes]
         opt: Any
         if kind == "adamp":
             opt = torch_adamp.AdamP(params, lr=3e-2, weight_decay=1e-2, fused=True, track_stats=True, **options)
@@ -302,22 +304,25 @@ SPEC_OPTIONS = [
 ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     ("kind", "options"),
     SPEC_OPTIONS,
     ids=lambda o: o if isinstance(o, str) else ",".join(f"{k}={v}" for k, v in o.items()),
 )
-def test_speculative_sweep_is_exact_whatever_the_guess(kind: str, options: dict[str, Any], threads: int) -> None:
+def test_speculative_sweep_is_exact_whatever_the_guess(
+    kind: str, options: dict[str, Any], threads: int, dtype: torch.dtype
+) -> None:
     """Tensors too large to stage are stepped under the view they took at their last step, and stepped
     again from a copy of their old values when the decision differs: bitwise the non-speculative scheme
     (AdamP: the staged one; same row sums, u and update arithmetic), whatever the guess, thread count or
     NaN."""
     right, wrong = _native.speculation_counts()
-    speculative = _spec_run(kind, options, stage_bytes=0, threads=threads)
+    speculative = _spec_run(kind, options, stage_bytes=0, threads=threads, dtype=dtype)
     right, wrong = (a - b for a, b in zip(_native.speculation_counts(), (right, wrong), strict=True))
     spare = _native.spare_bytes()
-    plain = _spec_run(kind, options, stage_bytes=1 << 30, threads=threads)
+    plain = _spec_run(kind, options, stage_bytes=1 << 30, threads=threads, dtype=dtype)
     assert speculative[1] == plain[1]
     assert len(speculative[0]) == len(plain[0]) >= 10  # parameters and their state
     for a, b in zip(speculative[0], plain[0], strict=True):
@@ -328,7 +333,7 @@ def test_speculative_sweep_is_exact_whatever_the_guess(kind: str, options: dict[
         assert (right, wrong) == (0, 0)  # forced channel view: one sweep, no copy, nothing to guess
     else:  # both outcomes occurred (30 tensors x steps: every schedule transition, many times)
         assert right > 5 and wrong > 5, (right, wrong)
-        assert spare >= 300 * 130 * 4  # kept for the next step: fresh pages would fault every step
+        assert spare >= 300 * 130 * dtype.itemsize  # kept for the next step: fresh pages would fault every step
     _native.forget()
     assert _native.spare_bytes() == 0
 
