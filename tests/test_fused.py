@@ -362,6 +362,19 @@ def test_no_speculation_above_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     _native.forget()
 
 
+def test_no_speculation_for_half_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16/fp16 parameters step through fresh float32 copies: their addresses mean nothing across steps."""
+    monkeypatch.setattr(_fused, "STAGE_BYTES", 0)
+    _native.forget()
+    before = _native.speculation_counts()
+    p = torch.nn.Parameter(torch.randn(40, 64).bfloat16())
+    opt = torch_adamp.AdamP([p], fused=True)
+    for _ in range(3):
+        p.grad = (p.detach().float() + 0.1 * torch.randn(40, 64)).bfloat16()
+        opt.step()
+    assert _native.speculation_counts() == before and _native.spare_bytes() == 0
+
+
 def test_default_path_is_fused_on_cpu_and_foreach_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     kw: dict[str, Any] = dict(lr=1e-2, weight_decay=1e-2, track_stats=True)
     fused, _ = run(lambda ps: torch_adamp.AdamP(ps, fused=True, **kw))

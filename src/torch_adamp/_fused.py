@@ -138,10 +138,12 @@ def _native_group(
     grads: Sequence[Tensor],
     states: Sequence[Sequence[Tensor]],
     steps: Sequence[Tensor] | None,
-    call: Callable[[Any, int, int, int, int], int],
+    call: Callable[[Any, int, int, int, int, int], int],
 ) -> tuple[Tensor, list[int]]:
     """Pack raw pointers of one same-dtype CPU group (``params`` all on the CPU, of one dtype: the callers
-    group them so) and run ``call(fn, n, ptrs, meta, views)``.
+    group them so) and run ``call(fn, n, ptrs, meta, views, spec_max)``; ``spec_max`` is the largest tensor the
+    kernel may speculate on: 0 for half-precision parameters, which run through fresh float32 copies whose
+    addresses say nothing about the previous step.
 
     Returns the view codes of the tensors the kernel took and the indices it
     refused (those run on the multi-tensor path): the kernel reads raw buffers,
@@ -180,7 +182,8 @@ def _native_group(
         lists = [p32, [g.float() for g in lists[1]], *lists[2:]]
     ptrs = array("q", [t.data_ptr() for lst in lists for t in lst])
     meta = array("q", numel + [s[0] if len(s) > 1 else 0 for s in [p.shape for p in lists[0]]])
-    if call(fn, n, ptrs.buffer_info()[0], meta.buffer_info()[0], codes.data_ptr()) != 0:
+    spec_max = 0 if write_back else SPECULATE_MAX_BYTES
+    if call(fn, n, ptrs.buffer_info()[0], meta.buffer_info()[0], codes.data_ptr(), spec_max) != 0:
         raise MemoryError(f"torch_adamp: the fused {kind} kernel could not allocate its scratch (nothing was updated)")
     for p, p32_ in write_back:
         p.copy_(p32_)
@@ -209,9 +212,9 @@ def _adamp_native(
     """One CPU group through the native kernel; returns (view codes of the taken tensors, refused indices)."""
     lr_v = _lr_value(lr)
 
-    def call(fn: Any, n: int, ptrs: int, meta: int, views: int) -> int:
+    def call(fn: Any, n: int, ptrs: int, meta: int, views: int, spec_max: int) -> int:
         return int(fn(n, ptrs, meta, lr_v, beta1, beta2, eps, weight_decay, delta, wd_ratio, nesterov, maximize,
-                      mode, views, _threads(), STAGE_BYTES, SPECULATE_MAX_BYTES))  # fmt: skip
+                      mode, views, _threads(), STAGE_BYTES, spec_max))  # fmt: skip
 
     codes, refused = _native_group("adamp", params, grads, (exp_avgs, exp_avg_sqs), state_steps, call)
     if refused:
@@ -259,10 +262,9 @@ def _sgdp_native(
 ) -> tuple[Tensor, list[int]]:
     lr_v = _lr_value(lr)
 
-    def call(fn: Any, n: int, ptrs: int, meta: int, views: int) -> int:
+    def call(fn: Any, n: int, ptrs: int, meta: int, views: int, spec_max: int) -> int:
         return int(fn(n, ptrs, meta, lr_v, momentum, dampening, weight_decay, eps, delta, wd_ratio, nesterov,
-                      maximize, project_momentum, mode, views, _threads(), STAGE_BYTES,
-                      SPECULATE_MAX_BYTES))  # fmt: skip
+                      maximize, project_momentum, mode, views, _threads(), STAGE_BYTES, spec_max))  # fmt: skip
 
     codes, refused = _native_group("sgdp", params, grads, (momentum_buffers,), None, call)
     if refused:
