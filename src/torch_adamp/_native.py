@@ -449,37 +449,6 @@ static void FN(adam_stage_any)(const FN(hyp_t) * h, const T* p, const T* g, T* m
         FN(adam_stage)(h, p, g, m, v, U, C, out, 0);
 }
 
-/* a row under a NONE guess, in one loop: adam_stage's moments and row sums (the same loop, so the same bits)
-   and the unprojected step at once (nothing in the update waits for the row sums); the old row first goes
-   to bak */
-INL void FN(adam_row_none)(const FN(hyp_t) * h, T* restrict p, const T* restrict g, T* restrict m, T* restrict v,
-                           T* restrict bak, int64_t C, T* restrict out, const int nest, const int dec) {
-    STREAM_COPY(bak, p, C);
-    T pg = 0, pp = 0, gg = 0, pu = 0;
-#pragma omp simd reduction(+ : pg, pp, gg, pu)
-    for (int64_t j = 0; j < C; j++) {
-        T pj = p[j], gj = g[j];
-        T u = FN(adam_u)(h, gj, m + j, v + j, nest, 1);
-        pg += pj * gj;
-        pp += pj * pj;
-        gg += gj * gj;
-        pu += pj * u;
-        T p1 = dec ? pj * h->f : pj;
-        p[j] = FMA(u, h->ss, p1);
-    }
-    out[0] = h->sgn * pg;
-    out[1] = pp;
-    out[2] = gg;
-    out[3] = pu;
-}
-
-static void FN(adam_row_none_any)(const FN(hyp_t) * h, T* p, const T* g, T* m, T* v, T* bak, int64_t C, T* out,
-                                  int nest, int dec) {
-#define CALL(a, b) FN(adam_row_none)(h, p, g, m, v, bak, C, out, a, b)
-    SPECIALISE2(CALL);
-#undef CALL
-}
-
 static void FN(adam_apply_any)(const FN(hyp_t) * h, T* p, const T* U, int64_t N, T c, int dec, int proj) {
     if (dec) {
         if (proj) FN(adam_apply)(h, p, U, N, c, 1, 1); else FN(adam_apply)(h, p, U, N, c, 1, 0);
@@ -516,7 +485,10 @@ static void FN(adam_redo_any)(const FN(hyp_t) * h, T* p, const T* src, const T* 
     }
 }
 
-/* The speculative sweep of a tensor too large to stage, under the guessed view `spec` (CHANNEL or NONE: the
+/* (The row sums come from adam_stage_any, the very function of the staged scheme: a separate loop, even one
+   doing the same sums, may be vectorised with another summation order, and the decision would depend on the
+   guess.)
+   The speculative sweep of a tensor too large to stage, under the guessed view `spec` (CHANNEL or NONE: the
    view it took at its last step, or CHANNEL when forced): each row is staged (moments stored, u in the
    thread's row buffer, the four row sums) and, while the guess holds, stepped at once, its old values first
    streamed to bak when the guess can be wrong (`check`). A CHANNEL guess fails at the first row that fails
@@ -534,11 +506,6 @@ static int FN(adam_speculate)(const FN(hyp_t) * h, T* p, const T* g, T* m, T* v,
     PFOR(nt > 1 && R > 1 && R * C >= PAR_MIN, r, R, {
         int64_t o = r * C;
         T* st = stats + 4 * r;
-        if (spec == VIEW_NONE) { /* check: a NONE guess is only made when the view can change */
-            FN(adam_row_none_any)(&hs, p + o, g + o, m + o, v + o, bak + o, C, st, nest, dec);
-            written[r] = 1;
-            continue;
-        }
         T* u = buf + max_c * omp_thread();
         FN(adam_stage_any)(&hs, p + o, g + o, m + o, v + o, u, C, st, nest);
         int write = !__atomic_load_n(&stop, __ATOMIC_RELAXED);
@@ -797,40 +764,6 @@ static void FN(sgd_stats_any)(const FN(hyp_t) * h, const T* p, const T* g, T* b,
         FN(sgd_stats)(h, p, g, b, C, out, 0);
 }
 
-/* a row under a NONE guess, in one loop: sgd_stats' buffer update and row sums (the same loop, so the same
-   bits) and the unprojected step at once; the old row first goes to bak */
-INL void FN(sgd_row_none)(const FN(hyp_t) * h, T* restrict p, const T* restrict g, T* restrict b, T* restrict bak,
-                          int64_t C, T* restrict out, const int nest, const int dec) {
-    STREAM_COPY(bak, p, C);
-    T pg = 0, pp = 0, gg = 0, pd = 0;
-#pragma omp simd reduction(+ : pg, pp, gg, pd)
-    for (int64_t j = 0; j < C; j++) {
-        T pj = p[j], gj = g[j];
-        T d = FN(sgd_d)(h, gj, b + j, nest, 1);
-        pg += pj * gj;
-        pp += pj * pj;
-        gg += gj * gj;
-        pd += pj * d;
-        T p1 = dec ? pj * h->f : pj;
-        p[j] = FMA(d, h->ss, p1);
-    }
-    out[0] = h->sgn * pg;
-    out[1] = pp;
-    out[2] = gg;
-    out[3] = pd;
-}
-
-static void FN(sgd_row_none_any)(const FN(hyp_t) * h, T* p, const T* g, T* b, T* bak, int64_t C, T* out, int nest,
-                                 int dec) {
-#define CALL(a, c) FN(sgd_row_none)(h, p, g, b, bak, C, out, a, c)
-    if (nest) {
-        if (dec) CALL(1, 1); else CALL(1, 0);
-    } else {
-        if (dec) CALL(0, 1); else CALL(0, 0);
-    }
-#undef CALL
-}
-
 #define KIND_PLAIN 0 /* the only sweep of a tensor that is never projected */
 #define KIND_AFTER 1 /* after sweep A (buffer updated): not projected */
 #define KIND_AFTER_PROJ 2 /* after sweep A: projected with c */
@@ -867,11 +800,6 @@ static int FN(sgd_speculate)(const FN(hyp_t) * h, T* p, const T* g, T* b, int64_
     PFOR(nt > 1 && R > 1 && R * C >= PAR_MIN, r, R, {
         int64_t o = r * C;
         T* st = stats + 4 * r;
-        if (spec == VIEW_NONE) {
-            FN(sgd_row_none_any)(&hs, p + o, g + o, b + o, bak + o, C, st, nest, dec);
-            written[r] = 1;
-            continue;
-        }
         FN(sgd_stats_any)(&hs, p + o, g + o, b + o, C, st, nest);
         int write = !__atomic_load_n(&stop, __ATOMIC_RELAXED);
         if (write && spec == VIEW_CHANNEL && !FN(passes)(st, hs.eps, chan_thr)) {
