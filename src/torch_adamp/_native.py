@@ -91,7 +91,8 @@ HEAD = r"""
 #endif
 #ifdef _OPENMP
 #include <omp.h>
-#define omp_thread() omp_get_thread_num()
+#define omp_thread() (nt > 1 ? omp_get_thread_num() : 0) /* 0 in the serial branch of PFOR, even when
+                                                               called from inside some outer OpenMP region */
 #else
 #define omp_thread() 0
 #endif
@@ -520,6 +521,9 @@ static int FN(adam_speculate)(const FN(hyp_t) * h, T* p, const T* g, T* m, T* v,
         }
         written[r] = (char)write;
     });
+    /* The recovery below re-reads each copied row on the thread that copied it (the same static schedule
+       over the same rows), so program order covers the non-temporal stores; the fence orders them for
+       everything after this call. */
     STREAM_FENCE();
     T tot[3];
     int view = FN(decide_from)(stats, R, C, hs.eps, delta, mode, tot);
