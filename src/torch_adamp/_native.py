@@ -155,15 +155,40 @@ static void hints_get(const int64_t* keys, int64_t n, signed char* views) {
     }
     pthread_mutex_unlock(&spec_lock);
 }
-static void hints_put(const int64_t* keys, int64_t n, const signed char* views) {
-    pthread_mutex_lock(&spec_lock);
-    for (int64_t i = 0; i < n; i++) {
-        if (keys[i] == 0 || views[i] < 0) continue;
-        size_t k = hint_slot((const void*)keys[i]);
-        hint_key[k] = (uintptr_t)keys[i];
-        hint_view[k] = views[i];
+/* record views[i] (the view decided at this step) as the hint of keys[i], then free keys and guess (the
+   arrays of hints_alloc); views == NULL: only free them */
+static void hints_put(int64_t* keys, signed char* guess, int64_t n, const int64_t* views) {
+    if (views != NULL) {
+        pthread_mutex_lock(&spec_lock);
+        for (int64_t i = 0; i < n; i++) {
+            if (keys[i] == 0) continue;
+            size_t k = hint_slot((const void*)keys[i]);
+            hint_key[k] = (uintptr_t)keys[i];
+            hint_view[k] = (signed char)views[i];
+        }
+        pthread_mutex_unlock(&spec_lock);
     }
-    pthread_mutex_unlock(&spec_lock);
+    free(keys);
+    free(guess);
+}
+/* the arrays of one call: hint keys (0: not a candidate) and guessed views; -1 when out of memory */
+static int hints_alloc(int64_t n, int64_t** keys, signed char** guess) {
+    *keys = (int64_t*)calloc(n > 0 ? (size_t)n : 1, sizeof(int64_t));
+    *guess = (signed char*)malloc(n > 0 ? (size_t)n : 1);
+    if (*keys != NULL && *guess != NULL) return 0;
+    hints_put(*keys, *guess, n, NULL);
+    return -1;
+}
+/* bytes of the largest tensor with a CHANNEL or NONE guess: the spare block the call needs */
+static size_t guessed_bytes(const int64_t* meta, int64_t n, const signed char* guess, size_t item) {
+    size_t most = 0;
+    int64_t R, C;
+    for (int64_t i = 0; i < n; i++) {
+        if (guess[i] != VIEW_CHANNEL && guess[i] != VIEW_NONE) continue;
+        shape_of(meta, n, i, &R, &C);
+        if ((size_t)(R * C) * item > most) most = (size_t)(R * C) * item;
+    }
+    return most;
 }
 /* forget every hint and free the spare block (tests; memory pressure) */
 void torch_adamp_forget(void) {
@@ -554,13 +579,9 @@ int FN(torch_adamp_adamp)(int64_t n, const int64_t* ptrs, const int64_t* meta, d
     int64_t max_r = 1, max_c = 1, max_stage = 0, R, C;
     if (nt < 1) nt = 1;
     /* tensors too large to stage, under MODE_AUTO: their hint keys (0: none) and guessed views (-1: none) */
-    int64_t* keys = (int64_t*)calloc(n > 0 ? (size_t)n : 1, sizeof(int64_t));
-    signed char* guess = (signed char*)malloc(n > 0 ? (size_t)n : 1);
-    if (!keys || !guess) {
-        free(keys);
-        free(guess);
-        return -1;
-    }
+    int64_t* keys;
+    signed char* guess;
+    if (hints_alloc(n, &keys, &guess) != 0) return -1;
     for (int64_t i = 0; i < n; i++) {
         shape_of(meta, n, i, &R, &C);
         if (R > max_r) max_r = R;
@@ -574,12 +595,7 @@ int FN(torch_adamp_adamp)(int64_t n, const int64_t* ptrs, const int64_t* meta, d
         }
     }
     hints_get(keys, n, guess);
-    size_t bak_bytes = 0; /* the largest tensor stepped under a guess that can be wrong */
-    for (int64_t i = 0; i < n; i++) {
-        if (guess[i] != VIEW_CHANNEL && guess[i] != VIEW_NONE) continue;
-        shape_of(meta, n, i, &R, &C);
-        if ((size_t)(R * C) * sizeof(T) > bak_bytes) bak_bytes = (size_t)(R * C) * sizeof(T);
-    }
+    size_t bak_bytes = guessed_bytes(meta, n, guess, sizeof(T)); /* stepped under a guess that can be wrong */
     T* stats = (T*)malloc(sizeof(T) * 4 * max_r);
     T* buf = (T*)malloc(sizeof(T) * max_c * nt); /* a row of u per thread, for tensors too large to stage */
     T* staged = max_stage > 0 ? (T*)malloc(sizeof(T) * max_stage) : NULL;
@@ -592,8 +608,7 @@ int FN(torch_adamp_adamp)(int64_t n, const int64_t* ptrs, const int64_t* meta, d
         free(staged);
         free(written);
         spare_give(bak, bak_bytes);
-        free(keys);
-        free(guess);
+        hints_put(keys, guess, n, NULL);
         return -1;
     }
     FN(hyp_t) h;
@@ -683,15 +698,12 @@ int FN(torch_adamp_adamp)(int64_t n, const int64_t* ptrs, const int64_t* meta, d
             });
         }
     }
-    for (int64_t i = 0; i < n; i++) guess[i] = keys[i] != 0 ? (signed char)views[i] : -1;
-    hints_put(keys, n, guess);
+    hints_put(keys, guess, n, views);
     free(stats);
     free(buf);
     free(staged);
     free(written);
     spare_give(bak, bak_bytes);
-    free(keys);
-    free(guess);
     return 0;
 }
 
@@ -839,13 +851,9 @@ int FN(torch_adamp_sgdp)(int64_t n, const int64_t* ptrs, const int64_t* meta, do
     const int pm = project_momentum && !nest;
     int64_t max_r = 1, R, C;
     if (nt < 1) nt = 1;
-    int64_t* keys = (int64_t*)calloc(n > 0 ? (size_t)n : 1, sizeof(int64_t));
-    signed char* guess = (signed char*)malloc(n > 0 ? (size_t)n : 1);
-    if (!keys || !guess) {
-        free(keys);
-        free(guess);
-        return -1;
-    }
+    int64_t* keys;
+    signed char* guess;
+    if (hints_alloc(n, &keys, &guess) != 0) return -1;
     for (int64_t i = 0; i < n; i++) {
         shape_of(meta, n, i, &R, &C);
         if (R > max_r) max_r = R;
@@ -853,16 +861,12 @@ int FN(torch_adamp_sgdp)(int64_t n, const int64_t* ptrs, const int64_t* meta, do
         if (R > 0 && mode == MODE_AUTO && bytes > spec_bytes && bytes <= spec_max_bytes) keys[i] = ptrs[i];
     }
     hints_get(keys, n, guess);
-    size_t bak_bytes = 0; /* the old rows of the largest speculated tensor */
-    for (int64_t i = 0; i < n; i++) {
-        /* a channel guess with the projected direction stored in the buffer would copy the buffer too:
-           measured slower than the two sweeps (ResNet-50 shapes: 1.52-1.61 x torch's fused SGD, against
-           1.44-1.46), so those tensors keep the two sweeps */
+    /* a channel guess with the projected direction stored in the buffer would copy the buffer too: measured
+       slower than the two sweeps (ResNet-50 shapes: 1.52-1.61 x torch's fused SGD, against 1.44-1.46), so
+       those tensors keep the two sweeps */
+    for (int64_t i = 0; i < n; i++)
         if (pm && guess[i] == VIEW_CHANNEL) guess[i] = -1;
-        if (guess[i] != VIEW_CHANNEL && guess[i] != VIEW_NONE) continue;
-        shape_of(meta, n, i, &R, &C);
-        if ((size_t)(R * C) * sizeof(T) > bak_bytes) bak_bytes = (size_t)(R * C) * sizeof(T);
-    }
+    size_t bak_bytes = guessed_bytes(meta, n, guess, sizeof(T)); /* the old rows of the largest one */
     T* stats = (T*)malloc(sizeof(T) * 4 * max_r);
     char* written = (char*)malloc((size_t)max_r);
     T* bak = bak_bytes > 0 ? (T*)spare_take(&bak_bytes) : NULL;
@@ -870,8 +874,7 @@ int FN(torch_adamp_sgdp)(int64_t n, const int64_t* ptrs, const int64_t* meta, do
         free(stats);
         free(written);
         spare_give(bak, bak_bytes);
-        free(keys);
-        free(guess);
+        hints_put(keys, guess, n, NULL);
         return -1;
     }
     FN(hyp_t) h;
@@ -931,13 +934,10 @@ int FN(torch_adamp_sgdp)(int64_t n, const int64_t* ptrs, const int64_t* meta, do
             });
         }
     }
-    for (int64_t i = 0; i < n; i++) guess[i] = keys[i] != 0 ? (signed char)views[i] : -1;
-    hints_put(keys, n, guess);
+    hints_put(keys, guess, n, views);
     free(stats);
     free(written);
     spare_give(bak, bak_bytes);
-    free(keys);
-    free(guess);
     return 0;
 }
 """
