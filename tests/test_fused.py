@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 import torch_adamp
-from torch_adamp import _fused, _native
+from torch_adamp import _native
+from torch_adamp.engine import fused as _fused
 
 pytestmark = pytest.mark.skipif(not _fused.native_available(), reason=f"native kernels unavailable: {_native.failure}")
 

@@ -79,6 +79,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 HEAD = r"""
 #include <math.h>
@@ -1113,3 +1114,37 @@ def speculation_counts() -> tuple[int, int]:
     out = (ctypes.c_int64 * 2)()
     lib.torch_adamp_spec_counts(out)
     return int(out[0]), int(out[1])
+
+
+def run(
+    kind: str,
+    dtype: Any,
+    n: int,
+    ptrs: int,
+    meta: int,
+    views: int,
+    lr: float,
+    common: Any,
+    args: Any,
+    *,
+    threads: int,
+    stage_bytes: int,
+    spec_max_bytes: int,
+) -> None:
+    """Call the kernel of rule ``kind``; raise ``MemoryError`` if its scratch could not be allocated."""
+    lib = load()
+    assert lib is not None
+    import torch
+
+    fn = getattr(lib, f"torch_adamp_{kind}_{'f64' if dtype is torch.float64 else 'f32'}")
+    eps, wd, delta, wd_ratio, maximize, mode = common
+    if kind == "adamp":
+        b1, b2, nest = args
+        rc = fn(n, ptrs, meta, lr, b1, b2, eps, wd, delta, wd_ratio, int(nest), int(maximize), int(mode), views,
+                threads, stage_bytes, spec_max_bytes)  # fmt: skip
+    else:
+        mom, damp, nest, pm = args
+        rc = fn(n, ptrs, meta, lr, mom, damp, wd, eps, delta, wd_ratio, int(nest), int(maximize), int(pm), int(mode),
+                views, threads, stage_bytes, spec_max_bytes)  # fmt: skip
+    if rc != 0:
+        raise MemoryError(f"torch_adamp: the fused {kind} kernel could not allocate its scratch (nothing was updated)")

@@ -76,7 +76,8 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import _fused, _native, projection
+from . import _native, projection
+from .engine import fused as _fused
 from .adamp import AdamP
 from .sgdp import SGDP
 

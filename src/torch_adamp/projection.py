@@ -67,6 +67,11 @@ def projectable(p: Tensor, shape: Sequence[int] | None = None) -> bool:
     return len(shape) > 1 and math.prod(shape) > 0
 
 
+def projectable_shape(shape: Sequence[int]) -> bool:
+    """Whether a tensor of this shape can be projected: ndim >= 2 and no size-0 dimension."""
+    return len(shape) > 1 and all(s > 0 for s in shape)
+
+
 def _row_shape(p: Tensor) -> tuple[int, ...]:
     return (-1,) + (1,) * (p.dim() - 1)
 

@@ -1,22 +1,26 @@
-"""What AdamP and SGDP share as ``torch.optim.Optimizer`` classes.
+"""The ``torch.optim.Optimizer`` class of every projected optimizer.
 
-Argument checks, gathering the parameters that have gradients, the sparse and
-complex refusals, state-dict migration from the reference package, and the
-optional statistics. The math lives in plain functions (``adamp.adamp``,
-``sgdp.sgdp``); classes only hold state.
+A subclass names its rule (:mod:`torch_adamp.rules`) and its defaults; this
+class does the rest: argument checks, the parameters that have gradients, the
+sparse and complex refusals, state initialisation from the rule's state names,
+sharded parameters (:mod:`torch_adamp.distributed`), loading state dicts of
+this class or of the reference package, and the optional statistics. The math
+runs in the engine (:func:`torch_adamp.engine.step`); the class only holds state.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _update, distributed, projection
+from . import distributed, engine, projection
+from .engine import precision
+from .rules import Rule
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
@@ -34,14 +38,14 @@ def check_lr(lr: Any) -> None:
 
 
 class ProjectedOptimizer(Optimizer):
-    """Base of :class:`~torch_adamp.AdamP` and :class:`~torch_adamp.SGDP`."""
+    """Base of :class:`~torch_adamp.AdamP` and :class:`~torch_adamp.SGDP`: an optimizer over one rule."""
 
-    #: extra per-group checks of the subclass: ``f(group)`` raising ValueError
-    _check_group: Callable[[dict[str, Any]], None]
+    #: the optimizer's rule: its options, state, direction and kernel
+    rule: ClassVar[Rule]
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self._check_common(defaults)
-        self._check_group(defaults)
+        self.rule.check(defaults)
         # created here and mutated in place by step(): torch.compile replays in-place
         # container mutations, and they survive pickling/deepcopy as plain attributes
         self._last_stats = []
@@ -65,7 +69,7 @@ class ProjectedOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **param_group}
         self._check_common(merged)
-        self._check_group(merged)
+        self.rule.check(merged)
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         param_group["params"] = params
@@ -82,8 +86,33 @@ class ProjectedOptimizer(Optimizer):
 
     # -- the step ----------------------------------------------------------------------
     def _step_group(self, group: dict[str, Any], params: list[Tensor], views: list[Tensor | None] | None) -> None:
-        """Initialise state and run the functional step of one group (subclasses)."""
-        raise NotImplementedError
+        """Initialise state and run the engine's step of one group."""
+        rule = self.rule
+        names = rule.state_names
+        states = [self.state[p] for p in params]  # one lookup per parameter (Tensor.__hash__ is Python)
+        for p, state in zip(params, states, strict=True):
+            if names[0] not in state:
+                if rule.counts_steps:
+                    state["step"] = self._new_step(p, group)
+                for name in names:
+                    state[name] = self._zeros_state(p, group)
+        lists = [[s[name] for s in states] for name in names]
+        if rule.counts_steps:
+            lists.append([s["step"] for s in states])
+        dist, local = self._dist(group, params, [p.grad for p in params], *lists)  # DTensors (FSDP2) -> shards
+        k = len(names)
+        engine.step(
+            rule,
+            local[0],
+            local[1],
+            local[2 : 2 + k],
+            local[2 + k] if rule.counts_steps else None,
+            rule.options(group),
+            foreach=group["foreach"],
+            fused=group["fused"],
+            views=views,
+            dist=dist,
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -239,10 +268,10 @@ class ProjectedOptimizer(Optimizer):
         for group, params, olds in before:
             lr = group["lr"]
             lr = lr.detach().clone() if isinstance(lr, Tensor) else float(lr)
-            for idx in _update.group_by_device_and_dtype(range(len(params)), params).values():
+            for idx in precision.group_by_device_and_dtype(range(len(params)), params).values():
                 ps = [params[i] for i in idx]
-                new = [_update.upcast(p.detach()) for p in ps]
-                old = [_update.upcast(olds[i]) for i in idx]
+                new = [precision.upcast(p.detach()) for p in ps]
+                old = [precision.upcast(olds[i]) for i in idx]
                 if any(distributed.is_dtensor(p) for p in ps):  # FSDP2: from local shards, one all_reduce
                     n_old, n_new, angle = distributed.norm_stats(new, old)
                 else:
@@ -307,57 +336,3 @@ class ProjectedOptimizer(Optimizer):
         out["projected_fraction"] = counts[0] / counts[1] if counts[1] else 0.0
         out["projected_numel_fraction"] = counts[2] / counts[3] if counts[3] else 0.0
         return out
-
-
-#: group options of the reference package ``adamp`` 0.3.0 (AdamP and SGDP)
-_REFERENCE_OPTIONS = {"lr", "betas", "eps", "weight_decay", "delta", "wd_ratio", "nesterov", "momentum", "dampening"}
-#: our options whose non-default values the reference cannot reproduce, with the value it implies
-_REFERENCE_IMPLIED = {"maximize": False, "scale_invariant": "auto", "project_momentum": True}
-
-
-def to_reference_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Convert a ``state_dict()`` of :class:`~torch_adamp.AdamP` / :class:`~torch_adamp.SGDP` for the reference package.
-
-    The result loads into ``adamp.AdamP`` / ``adamp.SGDP`` (0.3.0), which then
-    continues exactly as if it had run from the start (bitwise, for the
-    per-tensor path ``foreach=False`` with a float ``lr``). Tensor ``step``
-    counters become Python ints (the reference computes its bias corrections
-    from an int), a tensor ``lr`` becomes a float, and the options the reference
-    does not have are dropped from the groups (keys it has, and keys of other
-    tools such as ``initial_lr`` of the schedulers, are kept). Tensors are
-    shared, not copied. The input is not modified.
-
-    Raises ``ValueError`` for a group that uses an option the reference cannot
-    reproduce: ``maximize=True``, ``scale_invariant`` other than ``"auto"``, or
-    ``project_momentum=False``.
-    """
-    import inspect
-
-    from .adamp import AdamP
-    from .sgdp import SGDP
-
-    ours_only = {
-        name
-        for cls in (AdamP, SGDP)
-        for name in inspect.signature(cls.__init__).parameters
-        if name not in ("self", "params")
-    } - _REFERENCE_OPTIONS
-    groups = []
-    for i, group in enumerate(state_dict["param_groups"]):
-        for name, implied in _REFERENCE_IMPLIED.items():
-            if name in group and group[name] != implied:
-                raise ValueError(
-                    f"param group {i} has {name}={group[name]!r}; the reference package has no such option "
-                    f"(it always behaves as {name}={implied!r}), so its state dict cannot carry this run"
-                )
-        new = {k: v for k, v in group.items() if k not in ours_only}
-        if isinstance(new.get("lr"), Tensor):
-            new["lr"] = float(new["lr"].item())
-        groups.append(new)
-    state = {}
-    for key, st in state_dict["state"].items():
-        st = dict(st)
-        if isinstance(st.get("step"), Tensor):
-            st["step"] = int(st["step"].item())
-        state[key] = st
-    return {**state_dict, "state": state, "param_groups": groups}

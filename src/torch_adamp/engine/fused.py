@@ -1,0 +1,335 @@
+"""The fused path (``fused=True``, and the CPU default): one kernel call per group, no host sync.
+
+Two back ends, chosen per device/dtype group:
+
+``native`` (CPU)
+    The rule's C kernel (:mod:`torch_adamp._native`), float32 and float64
+    (half-precision parameters run in float32 through an upcast copy). One
+    call per group per step, whatever the number of tensors; nothing is ever
+    recompiled (``lr``, step counts and shapes are plain arguments). Under
+    ``torch.compile`` or a dispatch mode the call is the custom op
+    ``torch_adamp::<rule>_cpu_``, opaque to the compiler (no graph break).
+    Tensors the kernel cannot read as raw buffers (non-contiguous, or with
+    state of another dtype) take the multi-tensor path.
+
+``compile`` (other devices, or the CPU without the native kernels)
+    ``torch.compile(fullgraph=True, dynamic=False)`` of the multi-tensor path,
+    with ``lr`` passed as a tensor (a new value is data, not a recompilation).
+
+``TORCH_ADAMP_FUSED=native|compile`` forces a back end (tests, benchmarks).
+"""
+
+import dataclasses
+import os
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _native
+from ..rules import ADAMP, SGDP, Rule
+from . import paths, tail
+from .precision import LOW_PRECISION, compute_dtype, group_by_device_and_dtype
+
+#: tensors up to this many bytes are staged: their update kept in a scratch buffer (AdamP) between the
+#: kernel's two sweeps, so that the second reads from the cache; larger ones are speculated or swept twice
+STAGE_BYTES = 1 << 20
+#: the largest tensor the kernel speculates on (it needs a spare block of the tensor's size)
+SPECULATE_MAX_BYTES = 64 << 20
+
+MODES: dict[Any, int] = {False: 0, "auto": 1, "channel": 2, "layer": 3}
+
+_forced: str | None = None
+
+
+def backend_choice() -> str:
+    """``"auto"`` (native on CPU when available, else compile), ``"native"`` or ``"compile"``."""
+    choice = _forced or os.environ.get("TORCH_ADAMP_FUSED", "auto").strip().lower()
+    return choice if choice in ("native", "compile") else "auto"
+
+
+@contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force the back end of ``fused=True`` (``"native"`` or ``"compile"``) inside the block, in eager mode."""
+    global _forced
+    if name not in ("native", "compile", "auto"):
+        raise ValueError(f"unknown fused back end {name!r}; expected 'native', 'compile' or 'auto'")
+    old, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = old
+
+
+def _native_available() -> bool:
+    return backend_choice() != "compile" and _native.load() is not None
+
+
+#: whether the CPU kernels can be used (builds them on first call; a constant under ``torch.compile``)
+native_available: Callable[[], bool] = torch.compiler.assume_constant_result(_native_available)
+
+
+def default_is_fused(params: Sequence[Tensor]) -> bool:
+    """Whether ``foreach=None, fused=None`` takes the fused path: on the CPU, when the native kernels load."""
+    return len(params) > 0 and params[0].device.type == "cpu" and native_available()
+
+
+# -- native back end -------------------------------------------------------------------------------
+
+
+def _sizes(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[int]:
+    """Per tensor, its number of elements if the kernel can read it as a raw buffer of ``dtype``, else -1."""
+    return [t.numel() if t.is_cpu and t.dtype is dtype and t.is_contiguous() else -1 for t in tensors]
+
+
+def _split_refused(
+    lists: list[Sequence[Tensor]], steps: Sequence[Tensor] | None
+) -> tuple[list[Sequence[Tensor]], list[int], list[int]]:
+    """``(lists of the tensors the kernel takes, their numels, indices of the refused ones)``.
+
+    ``lists`` = params (one CPU dtype), grads, states; ``steps`` are appended to the result. The kernel
+    reads raw buffers: every tensor on the CPU, contiguous, with the parameter's number of elements, the
+    state in the compute dtype. Checked at every step (gradients are new tensors after ``zero_grad()``).
+    """
+    params = lists[0]
+    dtype = params[0].dtype
+    cdt = compute_dtype(dtype)
+    numel = [p.numel() if p.is_contiguous() else -1 for p in params]
+    others = [_sizes(lists[1], dtype), *(_sizes(lst, cdt) for lst in lists[2:])]
+    steps_ok = steps is None or all([s.is_cpu and s.dtype is torch.float32 and s.numel() == 1 for s in steps])
+    out = [*lists, steps] if steps is not None else list(lists)
+    if steps_ok and -1 not in numel and all(o == numel for o in others):
+        return out, numel, []
+    ok = [k >= 0 and all(o[i] == k for o in others) for i, k in enumerate(numel)]
+    if steps is not None:
+        f32 = torch.float32
+        ok = [o and s.is_cpu and s.dtype is f32 and s.numel() == 1 for o, s in zip(ok, steps, strict=True)]
+    taken = [i for i, o in enumerate(ok) if o]
+    return [[lst[i] for i in taken] for lst in out], [numel[i] for i in taken], [i for i, o in enumerate(ok) if not o]
+
+
+def _bump_versions(tensors: list[Tensor]) -> None:
+    """Tell autograd about the in-place writes done through raw pointers."""
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except TypeError:  # torch < 2.5 takes one tensor at a time
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
+
+
+def _run_kernel(
+    rule: Rule, lists: list[Sequence[Tensor]], numel: list[int], lr: float, common: Sequence[float], args: Sequence[float]
+) -> Tensor:
+    """Run the rule's kernel on tensors it takes (``lists``: params, grads, states, [steps]); view codes."""
+    n = len(numel)
+    codes = torch.zeros(n, dtype=torch.int64)
+    if n == 0:
+        return codes
+    write_back: list[tuple[Tensor, Tensor]] = []
+    if lists[0][0].dtype in LOW_PRECISION:  # float32 copies of half-precision params and grads
+        p32 = [p.float() for p in lists[0]]
+        write_back = list(zip(lists[0], p32, strict=True))
+        lists = [p32, [g.float() for g in lists[1]], *lists[2:]]
+    ptrs = array("q", [t.data_ptr() for lst in lists for t in lst])
+    meta = array("q", numel + [s[0] if len(s) > 1 else 0 for s in [p.shape for p in lists[0]]])
+    spec_max = 0 if write_back else SPECULATE_MAX_BYTES
+    _native.run(
+        rule.name,
+        compute_dtype(lists[0][0].dtype),
+        n,
+        ptrs.buffer_info()[0],
+        meta.buffer_info()[0],
+        codes.data_ptr(),
+        lr,
+        common,
+        args,
+        threads=max(1, torch.get_num_threads()),
+        stage_bytes=STAGE_BYTES,
+        spec_max_bytes=spec_max,
+    )
+    for p, p32_ in write_back:
+        p.copy_(p32_)
+    _bump_versions([p for p, _ in write_back] or list(lists[0]))
+    return codes
+
+
+def _common(o: Any) -> tuple[float, ...]:
+    """The kernel arguments every rule has, after ``lr``: eps, weight decay, delta, wd_ratio, maximize, mode."""
+    mode = MODES[o.scale_invariant if o.scale_invariant is False else str(o.scale_invariant)]
+    return (float(o.eps), float(o.weight_decay), float(o.delta), float(o.wd_ratio), float(o.maximize), float(mode))
+
+
+# custom ops: what torch.compile and dispatch modes see (an opaque, in-place call), one per rule
+_ops: dict[str, Any] = {}
+
+
+def _register_op(rule: Rule) -> Any:
+    def kernel(
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[Tensor],
+        steps: list[Tensor],
+        lr_tensor: Tensor | None,
+        lr: float,
+        common: list[float],
+        args: list[float],
+    ) -> Tensor:
+        n = len(params)
+        k = len(rule.state_names)
+        lists: list[Sequence[Tensor]] = [params, grads, *(states[j * n : (j + 1) * n] for j in range(k))]
+        if rule.counts_steps:
+            lists.append(steps)
+        lr_v = float(lr_tensor.item()) if lr_tensor is not None else lr
+        return _run_kernel(rule, lists, [p.numel() for p in params], lr_v, common, args)
+
+    op = torch.library.custom_op(
+        f"torch_adamp::{rule.name}_cpu_", kernel, mutates_args=("params", "states", "steps"), device_types="cpu"
+    )
+
+    def fake(params, grads, states, steps, lr_tensor, lr, common, args):  # type: ignore[no-untyped-def]
+        return torch.empty(len(params), dtype=torch.int64)
+
+    op.register_fake(fake)
+    return op
+
+
+def _op(rule: Rule) -> Any:
+    op = _ops.get(rule.name)
+    if op is None:
+        op = _ops[rule.name] = _register_op(rule)
+    return op
+
+
+def _through_dispatcher(params: Sequence[Tensor]) -> bool:
+    """Whether to call the kernel as the custom op: under ``torch.compile``, under a ``TorchDispatchMode``
+    (fake tensors, tracing, profilers), or for tensor subclasses. In plain eager mode the direct call
+    skips the dispatcher's per-tensor list handling."""
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or any(type(p) is not Tensor and type(p) is not torch.nn.Parameter for p in params)
+    )
+
+
+def _native_step(
+    rule: Rule,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    states: Sequence[Sequence[Tensor]],
+    steps: Sequence[Tensor] | None,
+    o: Any,
+) -> Tensor:
+    """One same-dtype CPU group through the kernel (refused tensors through the multi-tensor path)."""
+    lists, numel, refused = _split_refused([params, grads, *states], steps)
+    common = _common(o)
+    args = rule.kernel_args(o)
+    if _through_dispatcher(params):
+        taken = lists[0]
+        lr_t, lr_f = (o.lr, 0.0) if isinstance(o.lr, Tensor) else (None, float(o.lr))
+        k = len(rule.state_names)
+        flat_states = [t for lst in lists[2 : 2 + k] for t in lst]
+        step_list = list(lists[2 + k]) if rule.counts_steps else []
+        codes: Tensor = _op(rule)(list(taken), list(lists[1]), flat_states, step_list, lr_t, lr_f, common, args)
+    else:
+        lr_v = float(o.lr.item()) if isinstance(o.lr, Tensor) else float(o.lr)  # a CPU tensor: no device sync
+        codes = _run_kernel(rule, lists, numel, lr_v, common, args)
+    if not refused:
+        return codes
+    sub_views: list[Tensor | None] = [None] * len(refused)
+    paths.multi_tensor(
+        rule,
+        [params[i] for i in refused],
+        [grads[i] for i in refused],
+        [[lst[i] for i in refused] for lst in states],
+        [steps[i] for i in refused] if steps is not None else None,
+        o,
+        sub_views,
+    )
+    out = torch.zeros(len(params), dtype=torch.int64)
+    refused_set = set(refused)
+    taken_idx = [i for i in range(len(params)) if i not in refused_set]
+    if taken_idx:
+        out[taken_idx] = codes
+    for i, v in zip(refused, sub_views, strict=True):
+        if v is not None:
+            out[i] = v.to(device="cpu")
+    return out
+
+
+# -- compile back end -------------------------------------------------------------------------------
+
+_compiled: dict[str, Callable[..., Any]] = {}
+#: the ``backend`` argument of that ``torch.compile`` (tests swap in a counting backend)
+COMPILE_BACKEND: Any = "inductor"
+
+
+def _compiled_fn(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compile`` of the multi-tensor path for one rule, created once (dynamo caches one graph per model)."""
+    if torch.compiler.is_compiling():
+        return fn  # inside an outer torch.compile: trace into the caller's graph
+    if name not in _compiled:
+        _compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False, backend=COMPILE_BACKEND)
+    return _compiled[name]
+
+
+def _tensor_lr(lr: float | Tensor) -> Tensor:
+    """``lr`` as a 0-d tensor, so that a new value is data, not a recompilation."""
+    return lr if isinstance(lr, Tensor) else torch.tensor(float(lr), dtype=torch.float32)
+
+
+# -- entry point ------------------------------------------------------------------------------------
+
+
+def _partition(params: Sequence[Tensor]) -> list[tuple[list[int] | None, bool]]:
+    """Groups of one device and dtype as ``(indices, native)``; ``indices`` is ``None`` for "all of them"."""
+    native = native_available()
+    first = params[0].dtype
+    if native and all(p.is_cpu and p.dtype is first for p in params):  # the common case, in one cheap pass
+        return [(None, True)]
+    return [
+        (idx, native and params[idx[0]].is_cpu)
+        for idx in group_by_device_and_dtype(range(len(params)), params).values()
+    ]
+
+
+def fused_step(
+    rule: Rule,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    states: Sequence[Sequence[Tensor]],
+    steps: Sequence[Tensor] | None,
+    o: Any,
+    views: tail.Views,
+    *,
+    default: bool = False,
+) -> None:
+    """The fused step of every device/dtype group (see the module docstring).
+
+    ``default=True`` (``foreach=None, fused=None``) sends groups the native kernel
+    cannot take to the multi-tensor path instead of compiling them.
+    """
+    n = len(params)
+    for idx, use_native in _partition(params):
+        pick: Callable[[Sequence[Any]], list[Any]] = (
+            (lambda lst: list(lst)) if idx is None else (lambda lst, idx=idx: [lst[i] for i in idx])
+        )
+        where = range(n) if idx is None else idx
+        sub = (pick(params), pick(grads), [pick(lst) for lst in states], pick(steps) if steps is not None else None)
+        if use_native:
+            codes = _native_step(rule, *sub, o)
+            tail.scatter_views(views, where, codes.unbind(0) if views is not None else None)
+            continue
+        group_views = tail.sub_views(views, len(where))
+        if default:
+            paths.multi_tensor(rule, *sub, o, group_views)
+        else:
+            o_t = dataclasses.replace(o, lr=_tensor_lr(o.lr))
+            _compiled_fn(rule.name, paths.multi_tensor)(rule, *sub, o_t, group_views)
+        tail.scatter_views(views, where, group_views)
+
+
+for _rule in (ADAMP, SGDP):
+    _op(_rule)

@@ -1,0 +1,110 @@
+"""SGDP's rule: SGD's momentum direction (Heo et al., ICLR 2021, Algorithm 1, reference semantics).
+
+Per parameter with gradient ``g`` and momentum buffer ``b`` (zeros at the start)::
+
+    b <- momentum b + (1 - dampening) g
+    d  = g + momentum b   if nesterov else   b
+    s  = lr
+
+Weight-decay divisor ``1 - momentum``. Without nesterov the reference projects
+``d`` in place, and ``d`` *is* the buffer: the stored momentum is projected too
+(``project_momentum=True``); with ``project_momentum=False`` the direction is a
+copy and the buffer keeps the raw gradients (the paper's box, timm).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Options, Rule, Scalar
+
+
+@dataclass(frozen=True)
+class SGDPOptions(Options):
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    project_momentum: bool = True
+
+
+def _nonneg(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0.0 or not math.isfinite(value):
+        raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number >= 0")
+
+
+class SGDPRule(Rule):
+    name = "sgdp"
+    state_names = ("momentum",)
+    counts_steps = False
+    kernel_fields = ("momentum", "dampening", "nesterov", "project_momentum")
+
+    def options(self, group: dict[str, Any]) -> SGDPOptions:
+        return SGDPOptions(
+            lr=group["lr"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            delta=group["delta"],
+            wd_ratio=group["wd_ratio"],
+            maximize=group["maximize"],
+            scale_invariant=group["scale_invariant"],
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            project_momentum=group["project_momentum"],
+        )
+
+    def check(self, group: dict[str, Any]) -> None:
+        _nonneg("momentum", group["momentum"])
+        _nonneg("dampening", group["dampening"])
+        if group["momentum"] >= 1 and group["weight_decay"] > 0:
+            raise ValueError(
+                f"Invalid momentum value: {group['momentum']!r}; weight decay divides by (1 - momentum), "
+                "so momentum must be < 1"
+            )
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(
+                f"Nesterov momentum requires a momentum > 0 and zero dampening "
+                f"(got momentum={group['momentum']!r}, dampening={group['dampening']!r})"
+            )
+
+    def wd_divisor(self, o: Any) -> float:
+        return float(1 - o.momentum)
+
+    def update_is_state(self, o: Any) -> bool:
+        return not o.nesterov and not o.project_momentum
+
+    def direction(
+        self, p: Tensor, g: Tensor, state: Sequence[Tensor], step: Tensor | None, o: Any, as_tensor: bool
+    ) -> tuple[Tensor, Scalar]:
+        (buf,) = state
+        buf.mul_(o.momentum).add_(g, alpha=1 - o.dampening)
+        if o.nesterov:
+            return g + o.momentum * buf, o.lr
+        return (buf if o.project_momentum else buf.clone()), o.lr
+
+    def directions(
+        self,
+        p: list[Tensor],
+        g: list[Tensor],
+        state: Sequence[list[Tensor]],
+        steps: list[Tensor] | None,
+        o: Any,
+        as_tensor: bool,
+    ) -> tuple[list[Tensor], Scalar]:
+        (B,) = state
+        torch._foreach_mul_(B, o.momentum)
+        torch._foreach_add_(B, g, alpha=1 - o.dampening)
+        if o.nesterov:
+            D = list(torch._foreach_mul(B, o.momentum))
+            torch._foreach_add_(D, g)
+            return D, o.lr
+        return B, o.lr
+
+
+SGDP = SGDPRule()
