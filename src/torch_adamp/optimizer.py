@@ -50,6 +50,8 @@ class ProjectedOptimizer(Optimizer):
         # container mutations, and they survive pickling/deepcopy as plain attributes
         self._last_stats = []
         self._stats_copies = {}
+        #: what the native kernels keep between steps (guesses, spare block); never in state_dict()
+        self._workspace = engine.Workspace()
         super().__init__(params, defaults)
 
     # -- argument checks -------------------------------------------------------------
@@ -112,6 +114,7 @@ class ProjectedOptimizer(Optimizer):
             fused=group["fused"],
             views=views,
             dist=dist,
+            workspace=self._workspace,
         )
 
     @torch.no_grad()
@@ -187,6 +190,7 @@ class ProjectedOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_last_stats", [])  # not pickled (torch's __getstate__)
         self.__dict__.setdefault("_stats_copies", {})
+        self.__dict__.setdefault("_workspace", engine.Workspace())
         # groups saved by the reference package (or an older version) lack our options
         for group in self.param_groups:
             for key, value in self.defaults.items():

@@ -18,7 +18,10 @@ from torch import Tensor
 from ..rules import Rule
 from . import fused as _fused
 from . import paths
+from .fused import Workspace
 from .tail import Views
+
+__all__ = ["Workspace", "step"]
 
 
 def step(
@@ -33,6 +36,7 @@ def step(
     fused: bool | None = None,
     views: Views = None,
     dist: Any = None,
+    workspace: Workspace | None = None,
 ) -> None:
     """One step of ``rule`` with options ``o`` over lists of tensors (updated in place).
 
@@ -41,13 +45,15 @@ def step(
     ``foreach=False`` the per-tensor reference-order loop. Sharded tensors
     (``dist`` given) always take the multi-tensor path, which implements the
     one-collective protocol. ``views``, if given, receives per parameter a 0-d
-    tensor with the view the projection used.
+    tensor with the view the projection used. ``workspace`` (owned by the
+    optimizer) keeps what the native kernels reuse between steps; without one
+    they do not speculate (same results, a little slower on large tensors).
     """
     if fused or (fused is None and foreach is None and dist is None and _fused.default_is_fused(params)):
         if dist is not None:
             paths.multi_tensor(rule, params, grads, states, steps, o, views, dist)
         else:
-            _fused.fused_step(rule, params, grads, states, steps, o, views, default=not fused)
+            _fused.fused_step(rule, params, grads, states, steps, o, views, default=not fused, workspace=workspace)
     elif foreach or foreach is None or dist is not None:
         paths.multi_tensor(rule, params, grads, states, steps, o, views, dist)
     else:

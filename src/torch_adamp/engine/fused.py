@@ -19,6 +19,7 @@ Two back ends, chosen per device/dtype group:
 ``TORCH_ADAMP_FUSED=native|compile`` forces a back end (tests, benchmarks).
 """
 
+import ctypes
 import dataclasses
 import os
 from array import array
@@ -120,8 +121,55 @@ def _bump_versions(tensors: list[Tensor]) -> None:
             torch.autograd.graph.increment_version(t)
 
 
+class Workspace:
+    """What the native kernels keep between the steps of one optimizer (its ``_workspace``).
+
+    * the view each parameter took at its last step: the guesses of the speculative sweep, kept per list
+      of parameters handed to the kernel (a list not seen at the last steps starts without guesses);
+    * the spare block of that sweep (a ``uint8`` tensor the size of the largest tensor stepped under a
+      guess, reused between steps, freed with the optimizer or by :meth:`release`);
+    * how many speculative sweeps guessed right and wrong (``spec_right``, ``spec_wrong``).
+
+    Only speed depends on it: results are the same bits with or without a workspace.
+    """
+
+    MAX_LISTS = 64
+
+    def __init__(self) -> None:
+        self.guesses: dict[tuple[int, ...], Tensor] = {}
+        self.spare: Tensor | None = None
+        self.spec_right = 0
+        self.spec_wrong = 0
+
+    def release(self) -> None:
+        """Forget every guess and free the spare block."""
+        self.guesses.clear()
+        self.spare = None
+
+    @property
+    def spare_bytes(self) -> int:
+        return 0 if self.spare is None else self.spare.numel()
+
+    def _spare(self, nbytes: int) -> Tensor:
+        if self.spare is None or self.spare.numel() < nbytes:
+            self.spare = None  # free the old block first
+            self.spare = torch.empty(nbytes, dtype=torch.uint8)
+        return self.spare
+
+    def _remember(self, key: tuple[int, ...], codes: Tensor) -> None:
+        self.guesses.pop(key, None)
+        self.guesses[key] = codes.to(torch.int8)
+        while len(self.guesses) > self.MAX_LISTS:
+            del self.guesses[next(iter(self.guesses))]
+
+
 def _run_kernel(
-    rule: Rule, lists: list[Sequence[Tensor]], numel: list[int], lr: float, common: Sequence[float], args: Sequence[float]
+    rule: Rule,
+    lists: list[Sequence[Tensor]],
+    numel: list[int],
+    lr: float,
+    o: Any,
+    workspace: Workspace | None,
 ) -> Tensor:
     """Run the rule's kernel on tensors it takes (``lists``: params, grads, states, [steps]); view codes."""
     n = len(numel)
@@ -129,37 +177,71 @@ def _run_kernel(
     if n == 0:
         return codes
     write_back: list[tuple[Tensor, Tensor]] = []
+    key = tuple(map(id, lists[0])) if workspace is not None else ()
     if lists[0][0].dtype in LOW_PRECISION:  # float32 copies of half-precision params and grads
         p32 = [p.float() for p in lists[0]]
         write_back = list(zip(lists[0], p32, strict=True))
         lists = [p32, [g.float() for g in lists[1]], *lists[2:]]
     ptrs = array("q", [t.data_ptr() for lst in lists for t in lst])
     meta = array("q", numel + [s[0] if len(s) > 1 else 0 for s in [p.shape for p in lists[0]]])
-    spec_max = 0 if write_back else SPECULATE_MAX_BYTES
-    _native.run(
-        rule.name,
-        compute_dtype(lists[0][0].dtype),
-        n,
-        ptrs.buffer_info()[0],
-        meta.buffer_info()[0],
-        codes.data_ptr(),
-        lr,
-        common,
-        args,
-        threads=max(1, torch.get_num_threads()),
-        stage_bytes=STAGE_BYTES,
-        spec_max_bytes=spec_max,
-    )
+    a = _native.Args()
+    a.n = n
+    a.ptrs = ptrs.buffer_info()[0]
+    a.meta = meta.buffer_info()[0]
+    a.views = codes.data_ptr()
+    a.lr = lr
+    a.eps, a.weight_decay, a.delta, a.wd_ratio = float(o.eps), float(o.weight_decay), float(o.delta), float(o.wd_ratio)
+    a.maximize = bool(o.maximize)
+    a.mode = MODES[o.scale_invariant if o.scale_invariant is False else str(o.scale_invariant)]
+    a.threads = max(1, torch.get_num_threads())
+    a.stage_bytes = STAGE_BYTES
+    a.spec_max_bytes = 0 if write_back else SPECULATE_MAX_BYTES  # half precision: fresh copies every step
+    rule_args = getattr(a.rule, rule.name)
+    for name, value in zip(rule.kernel_fields, rule.kernel_args(o), strict=True):
+        setattr(rule_args, name, type(getattr(rule_args, name))(value))  # int or float, as the C field
+    step_fn, spare_fn = _native.kernel(rule.name, compute_dtype(lists[0][0].dtype) is torch.float64)
+    guess = workspace.guesses.get(key) if workspace is not None else None
+    if guess is not None and guess.numel() == n:
+        a.guess = guess.data_ptr()
+        need = int(spare_fn(ctypes.byref(a)))
+        if need > 0:
+            spare = workspace._spare(need)  # type: ignore[union-attr]
+            a.spare, a.spare_bytes = spare.data_ptr(), spare.numel()
+    if step_fn(ctypes.byref(a)) != 0:
+        raise MemoryError(f"torch_adamp: the fused {rule.name} kernel could not allocate its scratch (nothing was updated)")
+    if workspace is not None:
+        workspace._remember(key, codes)
+        workspace.spec_right += a.spec_right
+        workspace.spec_wrong += a.spec_wrong
     for p, p32_ in write_back:
         p.copy_(p32_)
     _bump_versions([p for p, _ in write_back] or list(lists[0]))
     return codes
 
 
-def _common(o: Any) -> tuple[float, ...]:
-    """The kernel arguments every rule has, after ``lr``: eps, weight decay, delta, wd_ratio, maximize, mode."""
+_MODE_NAMES = {v: k for k, v in MODES.items()}
+
+
+def _common(o: Any) -> list[float]:
+    """What the custom op passes of the options every rule has: eps, weight decay, delta, wd_ratio, maximize, mode."""
     mode = MODES[o.scale_invariant if o.scale_invariant is False else str(o.scale_invariant)]
-    return (float(o.eps), float(o.weight_decay), float(o.delta), float(o.wd_ratio), float(o.maximize), float(mode))
+    return [float(o.eps), float(o.weight_decay), float(o.delta), float(o.wd_ratio), float(o.maximize), float(mode)]
+
+
+class _OpOptions:
+    """The options of a custom-op call, rebuilt from its float lists (only what the kernel reads)."""
+
+    def __init__(self, rule: Rule, common: Sequence[float], args: Sequence[float]) -> None:
+        self.eps, self.weight_decay, self.delta, self.wd_ratio = common[:4]
+        self.maximize = bool(common[4])
+        self.scale_invariant = _MODE_NAMES[int(common[5])]
+        for name, value in zip(rule.kernel_fields, args, strict=True):
+            setattr(self, name, value)
+        self._args = tuple(args)
+
+
+def _options(rule: Rule, common: Sequence[float], args: Sequence[float]) -> Any:
+    return _OpOptions(rule, common, args)
 
 
 # custom ops: what torch.compile and dispatch modes see (an opaque, in-place call), one per rule
@@ -183,7 +265,7 @@ def _register_op(rule: Rule) -> Any:
         if rule.counts_steps:
             lists.append(steps)
         lr_v = float(lr_tensor.item()) if lr_tensor is not None else lr
-        return _run_kernel(rule, lists, [p.numel() for p in params], lr_v, common, args)
+        return _run_kernel(rule, lists, [p.numel() for p in params], lr_v, _options(rule, common, args), None)
 
     op = torch.library.custom_op(
         f"torch_adamp::{rule.name}_cpu_", kernel, mutates_args=("params", "states", "steps"), device_types="cpu"
@@ -221,12 +303,12 @@ def _native_step(
     states: Sequence[Sequence[Tensor]],
     steps: Sequence[Tensor] | None,
     o: Any,
+    workspace: Workspace | None = None,
 ) -> Tensor:
     """One same-dtype CPU group through the kernel (refused tensors through the multi-tensor path)."""
     lists, numel, refused = _split_refused([params, grads, *states], steps)
-    common = _common(o)
-    args = rule.kernel_args(o)
     if _through_dispatcher(params):
+        common, args = _common(o), list(rule.kernel_args(o))
         taken = lists[0]
         lr_t, lr_f = (o.lr, 0.0) if isinstance(o.lr, Tensor) else (None, float(o.lr))
         k = len(rule.state_names)
@@ -235,7 +317,7 @@ def _native_step(
         codes: Tensor = _op(rule)(list(taken), list(lists[1]), flat_states, step_list, lr_t, lr_f, common, args)
     else:
         lr_v = float(o.lr.item()) if isinstance(o.lr, Tensor) else float(o.lr)  # a CPU tensor: no device sync
-        codes = _run_kernel(rule, lists, numel, lr_v, common, args)
+        codes = _run_kernel(rule, lists, numel, lr_v, o, workspace)
     if not refused:
         return codes
     sub_views: list[Tensor | None] = [None] * len(refused)
@@ -305,6 +387,7 @@ def fused_step(
     views: tail.Views,
     *,
     default: bool = False,
+    workspace: Workspace | None = None,
 ) -> None:
     """The fused step of every device/dtype group (see the module docstring).
 
@@ -319,7 +402,7 @@ def fused_step(
         where = range(n) if idx is None else idx
         sub = (pick(params), pick(grads), [pick(lst) for lst in states], pick(steps) if steps is not None else None)
         if use_native:
-            codes = _native_step(rule, *sub, o)
+            codes = _native_step(rule, *sub, o, workspace)
             tail.scatter_views(views, where, codes.unbind(0) if views is not None else None)
             continue
         group_views = tail.sub_views(views, len(where))
