@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
 
-import torch_adamp
 from torch_adamp import cli
 from torch_adamp.experiments import fashion_mnist
 
@@ -160,19 +158,29 @@ def test_compare_quiet_threads_and_optimizer_list(tmp_path, capsys) -> None:
 
 
 # -- bench ---------------------------------------------------------------------------------
-def test_bench_without_the_benchmark_module(monkeypatch, capsys) -> None:
-    monkeypatch.delattr(torch_adamp, "benchmark", raising=False)
-    monkeypatch.setitem(sys.modules, "torch_adamp.benchmark", None)
-    assert cli.main(["bench", "--steps", "3"]) == 2
-    assert "torch_adamp.benchmark" in _one_error_line(capsys.readouterr().err)
+def test_bench_outside_a_clone_says_where_the_benchmark_is(monkeypatch, capsys, tmp_path) -> None:
+    monkeypatch.setattr(cli, "benchmark_script", lambda: tmp_path / "missing.py")
+    assert cli.main(["bench", "--repeats", "3"]) == 2
+    assert "benchmarks/step_time.py" in _one_error_line(capsys.readouterr().err)
 
 
-def test_bench_forwards_its_arguments(monkeypatch) -> None:
-    seen: list[list[str]] = []
-    fake = types.ModuleType("torch_adamp.benchmark")
-    fake.main = lambda argv: seen.append(argv) or 0  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "torch_adamp.benchmark", fake)
-    monkeypatch.setattr(torch_adamp, "benchmark", fake, raising=False)
+def test_bench_forwards_its_arguments_without_targets(monkeypatch, tmp_path) -> None:
+    script = tmp_path / "step_time.py"
+    log = tmp_path / "calls.txt"
+    script.write_text(
+        "def main(argv, prog, check_targets):\n"
+        f"    open({str(log)!r}, 'a').write(repr((argv, prog, check_targets)) + chr(10))\n"
+        "    return 0\n"
+    )
+    monkeypatch.setattr(cli, "benchmark_script", lambda: script)
     assert cli.main(["bench", "--help"]) == 0
-    assert cli.main(["bench", "--steps", "3", "--foreach"]) == 0
-    assert seen == [["--help"], ["--steps", "3", "--foreach"]]
+    assert cli.main(["bench", "--repeats", "3", "--quick"]) == 0
+    calls = log.read_text().splitlines()
+    assert calls == [
+        repr((["--help"], "torch-adamp bench", False)),
+        repr((["--repeats", "3", "--quick"], "torch-adamp bench", False)),
+    ]
+
+
+def test_bench_runs_the_repository_script() -> None:
+    assert cli.benchmark_script().is_file()  # tests run from a clone

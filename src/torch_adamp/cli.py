@@ -8,8 +8,8 @@ non-zero exit status (2 for bad options or missing data).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
+import runpy
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +21,7 @@ import torch
 from .experiments import compare, fashion_mnist, toy
 from .experiments.progress import MissingDependency, progress_bar, require
 
-BENCH_HELP = "step-time benchmark of AdamP/SGDP against torch.optim (arguments go to torch_adamp.benchmark)"
+BENCH_HELP = "step-time benchmark of AdamP/SGDP against torch.optim (runs benchmarks/step_time.py of a clone)"
 
 
 class UsageError(Exception):
@@ -265,17 +265,22 @@ def run_compare(args: argparse.Namespace, log: Callable[[str], None] = print) ->
     return 0
 
 
+def benchmark_script() -> Path:
+    """``benchmarks/step_time.py`` of the source tree this package runs from (it is not in the wheel)."""
+    return Path(__file__).resolve().parents[2] / "benchmarks" / "step_time.py"
+
+
 def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
-    name = f"{__package__}.benchmark"
-    try:
-        benchmark = importlib.import_module(name)  # imported only here: absent from some installations
-    except ModuleNotFoundError as e:
-        if e.name != name:
-            raise MissingDependency(f"the benchmark needs {e.name}, which is not installed") from None
+    script = benchmark_script()
+    if not script.is_file():
         if any(a in ("-h", "--help") for a in args.args):
             log(f"usage: torch-adamp bench [ARGS ...]\n\n{BENCH_HELP}.")
-        raise UsageError("torch_adamp.benchmark is not available in this installation") from None
-    rc = benchmark.main(list(args.args))
+        raise UsageError(
+            "the step-time benchmark is part of the source repository, not of the installed package: "
+            "clone the repository and run 'python benchmarks/step_time.py' (or torch-adamp bench from the clone)"
+        )
+    namespace = runpy.run_path(str(script), run_name="torch_adamp_bench")
+    rc = namespace["main"](list(args.args), prog="torch-adamp bench", check_targets=False)
     return int(rc or 0)
 
 

@@ -43,7 +43,9 @@ def adamp(
     ``views``, if given, receives per parameter a 0-d tensor with the view the
     projection used (:data:`~torch_adamp.projection.NONE`, ``CHANNEL`` or ``LAYER``).
     """
-    o = AdamPOptions(lr, eps, weight_decay, delta, wd_ratio, maximize, scale_invariant, capturable, beta1, beta2, nesterov)
+    o = AdamPOptions(
+        lr, eps, weight_decay, delta, wd_ratio, maximize, scale_invariant, capturable, beta1, beta2, nesterov
+    )
     engine.step(ADAMP, params, grads, [exp_avgs, exp_avg_sqs], state_steps, o,
                 foreach=foreach, fused=fused, views=views, dist=dist)  # fmt: skip
 

@@ -208,7 +208,9 @@ def _run_kernel(
             spare = workspace._spare(need)  # type: ignore[union-attr]
             a.spare, a.spare_bytes = spare.data_ptr(), spare.numel()
     if step_fn(ctypes.byref(a)) != 0:
-        raise MemoryError(f"torch_adamp: the fused {rule.name} kernel could not allocate its scratch (nothing was updated)")
+        raise MemoryError(
+            f"torch_adamp: the fused {rule.name} kernel could not allocate its scratch (nothing was updated)"
+        )
     if workspace is not None:
         workspace._remember(key, codes)
         workspace.spec_right += a.spec_right
@@ -396,9 +398,10 @@ def fused_step(
     """
     n = len(params)
     for idx, use_native in _partition(params):
-        pick: Callable[[Sequence[Any]], list[Any]] = (
-            (lambda lst: list(lst)) if idx is None else (lambda lst, idx=idx: [lst[i] for i in idx])
-        )
+
+        def pick(lst: Sequence[Any], idx: list[int] | None = idx) -> list[Any]:
+            return list(lst) if idx is None else [lst[i] for i in idx]
+
         where = range(n) if idx is None else idx
         sub = (pick(params), pick(grads), [pick(lst) for lst in states], pick(steps) if steps is not None else None)
         if use_native:
@@ -416,3 +419,20 @@ def fused_step(
 
 for _rule in (ADAMP, SGDP):
     _op(_rule)
+
+
+def native_scratch_bytes(rule: str, params: Sequence[Tensor], threads: int | None = None) -> int:
+    """C-heap scratch of one native call (not seen by torch's allocator): row sums, the written-row flags,
+    the guesses, for AdamP one row of ``u`` per thread and the staging buffer, plus the pointer and shape
+    arrays. The spare block of the speculative sweep is a tensor of the optimizer's workspace, not counted."""
+    rows = [p.size(0) if p.dim() > 1 and p.numel() > 0 else 0 for p in params]
+    cols = [p.numel() // r if r else p.numel() for p, r in zip(params, rows, strict=True)]
+    item = 8 if any(p.dtype is torch.float64 for p in params) else 4
+    large = [(r, c) for r, c in zip(rows, cols, strict=True) if r and r * c * item > STAGE_BYTES]
+    scratch = 4 * item * max(rows, default=1) + max(rows, default=1) + len(params)
+    if rule == "adamp":
+        small = [r * c for r, c in zip(rows, cols, strict=True) if r and r * c * item <= STAGE_BYTES]
+        row = max((c for _, c in large), default=1)
+        scratch += item * (row * (threads or max(1, torch.get_num_threads())) + max(small, default=0))
+    per_tensor = (5 if rule == "adamp" else 3) * 8 + 2 * 8 + 8
+    return scratch + per_tensor * len(params)

@@ -92,7 +92,5 @@ def multi_tensor(
             views=group_views,
             dist=dist,
         )
-        write_back(
-            [params[i] for i in idx] + [lst[i] for lst in states for i in idx], P + [t for s in S for t in s]
-        )
+        write_back([params[i] for i in idx] + [lst[i] for lst in states for i in idx], P + [t for s in S for t in s])
         tail.scatter_views(views, idx, group_views)
