@@ -1,69 +1,27 @@
-"""The CPU kernels of the fused path: C source, build (once per machine, cached) and ctypes binding.
+"""The native CPU kernels: build (once per machine, cached) and the ctypes mirror of their ABI.
 
-Why a hand-written kernel rather than ``torch.compile`` on CPU (measured on the
-2-core AMD EPYC development machine, 1 thread, see docs/performance.md):
+The sources are C files in ``torch_adamp/csrc`` (``torch_adamp.h``: the ABI, one
+argument struct per call; ``common.h`` and ``rows.h``: the row machinery every
+rule shares; ``adamp.h``, ``sgdp.h``: one rule each; ``kernels.c``: the float32
+and float64 instances). A call steps a whole group of same-dtype tensors with
+the rule's update, the scale-invariance test and the projection, in the
+reference package's operation order element by element (compiled with
+``-ffp-contract=off``; the projection is the batched form of
+:func:`torch_adamp.projection.projection_coefficients`, ``u - c w`` with
+``c = <w,u> / (||w|| + eps)^2``). Results match the multi-tensor path to
+float rounding with the same decisions, and are bitwise the same for any
+thread count and whatever the speculative sweep guessed. The kernels keep no
+state between calls: the guesses and the spare block of the speculative sweep
+are passed in by the caller (:class:`torch_adamp.engine.fused.Workspace`).
+How the sweeps move bytes, and what that measured: docs/performance.md.
 
-* compiling the functional step with inductor takes minutes for a ResNet-50
-  parameter list (gcc -O3 on one C++ function with thousands of loops), and
-  the generated code ran 2.5-3x slower than torch's fused AdamW: it computes
-  ``u = m / (sqrt(v) / sqrt(bc2) + eps)`` in both passes (square root and
-  division bound the step on CPU as much as memory does) and re-evaluates the
-  decision's scalar chain inside the inner loops;
-* this kernel computes ``u`` once per element and moves the fewest bytes the
-  cache allows. The scale-invariance test needs ``<w,g>``, ``||w||^2`` and
-  ``||g||^2`` of every row (and their totals) before ``w`` may change. AdamP,
-  tensors up to ``_fused.STAGE_BYTES``: sweep A updates the moments, stages
-  ``u`` in a scratch buffer and sums the row statistics and ``<w,u>``; sweep B
-  projects and steps from the staged ``u`` while it is still in cache. Larger
-  AdamP tensors are **speculated**: the kernel remembers the view each one took
-  at its last step (keyed by its data pointer) and sweeps it once, row by row,
-  under that view: stage the row (moments, ``u`` in a per-thread row buffer,
-  the four row sums), copy the old row to a spare block with non-temporal
-  stores, step it. When the decision, taken at the end from the same row sums,
-  differs (or a row fails a guessed channel test), the written rows are
-  stepped again from the copy under the decided view; the result is bitwise
-  the staged scheme's either way, only slower. Tensors above
-  ``_fused.SPECULATE_MAX_BYTES`` (64 MiB) are not speculated, which bounds the
-  spare block kept between steps. Views rarely change between
-  steps (measured, 600 AdamP steps of the Fashion-MNIST BatchNorm CNN: the
-  guess was right in 2379 of 2388 sweeps; the conv weights never changed view,
-  the classifier's weight sometimes moved between "none" and "layer"), so the
-  steady state is one sweep plus the copy. Without a guess (first step, the
-  layer view, half-precision parameters) the two-pass scheme runs: pass 1 reads
-  only ``w`` and ``g``; pass 2 goes row by row, keeping ``u`` of the row in a
-  per-thread buffer while it sums ``<w,u>``, then projects and steps (the row
-  is still in L1/L2); only the layer view needs a sweep for the whole-tensor
-  ``<w,u>`` first. ``scale_invariant="channel"`` needs no guess and no copy: one
-  sweep. SGDP (whose direction costs no division): sweep A (buffer update, row
-  sums and ``<w,d>``) then sweep B; tensors above the same threshold are
-  speculated the same way (sweep A then B per row, the old row copied), except
-  under a channel guess when the projected direction is stored in the buffer
-  (the default ``project_momentum=True`` without nesterov): the buffer would
-  need a copy too, and that measured slower than the two sweeps. Tensors
-  that are never projected take one sweep, like torch's fused kernels. Traffic
-  from memory for tensors larger than the cache, per parameter: AdamP 32 bytes
-  when the guess holds (AdamW: 28; the copy adds 4), 36 without a guess (``w``
-  and ``g`` read twice), up to 44 when the guess is wrong; SGDP 24 when
-  speculated, 28-32 otherwise (SGD: 20).
-
-The operation order mirrors the reference package element by element (``m *
-b1`` then a fused multiply-add like ``add_(alpha=)``, the same scalar roundings
-of step size and decay factor, ``eps`` added after the bias-corrected square
-root), compiled with ``-ffp-contract=off`` so that the compiler adds no fused
-operations of its own; the projection uses the batched form of
-:func:`torch_adamp.projection.projection_coefficients` (``u - c w`` with
-``c = <w,u> / (||w|| + eps)^2``). Results match the reference to float32
-rounding (about 1e-7 relative over 100 steps), like the multi-tensor path.
-Any thread count gives identical bits (row sums are formed per row by one
-thread and added in row order); AdamP's two schemes do the same arithmetic
-in different loops (bitwise equal with the GCC 12 build measured here).
-
-Build: the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``), 3-5
-seconds, once per machine; the shared object is cached under
-``$TORCH_ADAMP_CACHE_DIR`` (default ``~/.cache/torch_adamp``), keyed by the
-source, the flags, the compiler and the CPU. ``TORCH_ADAMP_NATIVE=0`` disables
-it. When no compiler works, :func:`load` returns ``None`` and the callers fall
-back (the default path to the multi-tensor implementation).
+Build: the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``), once per
+machine; the shared object is cached under ``$TORCH_ADAMP_CACHE_DIR`` (default
+``~/.cache/torch_adamp``), keyed by the sources, the flags, the compiler and the
+CPU. ``$TORCH_ADAMP_NATIVE_CFLAGS`` adds flags (CI builds with sanitizers).
+``TORCH_ADAMP_NATIVE=0`` disables the kernels. When no compiler works,
+:func:`load` returns ``None`` and the callers fall back (the default path to
+the multi-tensor implementation).
 """
 
 from __future__ import annotations
