@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import projection
 from .functional import adamp
-from .optimizer import ParamsT, ProjectedOptimizer
+from .optimizer import ParamsT, ProjectedOptimizer, defaults_of
 from .rules import ADAMP
 
 __all__ = ["AdamP", "adamp"]
@@ -75,20 +75,4 @@ class AdamP(ProjectedOptimizer):
         track_stats: bool = False,
         fp32_state: bool = True,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            delta=delta,
-            wd_ratio=wd_ratio,
-            nesterov=nesterov,
-            scale_invariant=scale_invariant,
-            maximize=maximize,
-            foreach=foreach,
-            fused=fused,
-            capturable=capturable,
-            track_stats=track_stats,
-            fp32_state=fp32_state,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults_of(locals()))

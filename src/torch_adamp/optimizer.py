@@ -37,6 +37,12 @@ def check_lr(lr: Any) -> None:
     _check_nonneg("lr", lr)
 
 
+def defaults_of(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The group defaults of a subclass ``__init__`` called as ``defaults_of(locals())``: its arguments
+    but ``self`` and ``params``."""
+    return {k: v for k, v in arguments.items() if k not in ("self", "params", "__class__")}
+
+
 class ProjectedOptimizer(Optimizer):
     """Base of :class:`~torch_adamp.AdamP` and :class:`~torch_adamp.SGDP`: an optimizer over one rule."""
 

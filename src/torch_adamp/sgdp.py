@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import projection
 from .functional import sgdp
-from .optimizer import ParamsT, ProjectedOptimizer
+from .optimizer import ParamsT, ProjectedOptimizer, defaults_of
 from .rules import SGDP as SGDP_RULE
 
 __all__ = ["SGDP", "sgdp"]
@@ -83,22 +83,4 @@ class SGDP(ProjectedOptimizer):
         track_stats: bool = False,
         fp32_state: bool = True,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            eps=eps,
-            delta=delta,
-            wd_ratio=wd_ratio,
-            project_momentum=project_momentum,
-            scale_invariant=scale_invariant,
-            maximize=maximize,
-            foreach=foreach,
-            fused=fused,
-            capturable=False,
-            track_stats=track_stats,
-            fp32_state=fp32_state,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, {**defaults_of(locals()), "capturable": False})

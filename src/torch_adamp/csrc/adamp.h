@@ -97,21 +97,7 @@ static T FN(adam_wu_any)(const FN(hyp_t) * h, const T* p, const T* g, T* m, T* v
    still in the last-level cache. Either way u is computed once per element. */
 INL void FN(adam_stage)(const FN(hyp_t) * h, const T* restrict p, const T* restrict g, T* restrict m, T* restrict v,
                         T* restrict U, int64_t C, T* restrict out, const int nest) {
-    T pg = 0, pp = 0, gg = 0, pu = 0;
-#pragma omp simd reduction(+ : pg, pp, gg, pu)
-    for (int64_t j = 0; j < C; j++) {
-        T pj = p[j], gj = g[j];
-        T u = FN(adam_u)(h, gj, m + j, v + j, nest, 1);
-        U[j] = u;
-        pg += pj * gj;
-        pp += pj * pj;
-        gg += gj * gj;
-        pu += pj * u;
-    }
-    out[0] = h->sgn * pg;
-    out[1] = pp;
-    out[2] = gg;
-    out[3] = pu;
+    ROW_SWEEP(p, g, C, h->sgn, out, FN(adam_u)(h, gj, m + j, v + j, nest, 1), U[j] = u);
 }
 
 INL void FN(adam_apply)(const FN(hyp_t) * h, T* restrict p, const T* restrict U, int64_t N, T c, const int dec,

@@ -6,6 +6,29 @@ typedef struct {
     T b1, b2, c1, c2, eps, sbc2, ss, f, sgn, mom, damp1;
 } FN(hyp_t);
 
+/* The first sweep of a row, for any rule: u = DIRECTION (an expression of j, pj and gj that may update the
+   rule's state of element j), then STAGE (a statement that may keep u), and the four row sums of the test and
+   the projection, out[0..3] = <w,g>, ||w||^2, ||g||^2, <w,u>. A macro, so that each rule's loop is one loop
+   (vectorised with one summation order, which the decision must not depend on). */
+#define ROW_SWEEP(p, g, C, sgn, out, DIRECTION, STAGE)       \
+    do {                                                     \
+        T pg = 0, pp = 0, gg = 0, pu = 0;                    \
+        _Pragma("omp simd reduction(+ : pg, pp, gg, pu)")    \
+        for (int64_t j = 0; j < (C); j++) {                  \
+            T pj = (p)[j], gj = (g)[j];                      \
+            T u = (DIRECTION);                               \
+            STAGE;                                           \
+            pg += pj * gj;                                   \
+            pp += pj * pj;                                   \
+            gg += gj * gj;                                   \
+            pu += pj * u;                                    \
+        }                                                    \
+        (out)[0] = (sgn) * pg;                               \
+        (out)[1] = pp;                                       \
+        (out)[2] = gg;                                       \
+        (out)[3] = pu;                                       \
+    } while (0)
+
 /* per-row statistics of the scale-invariance test: <p,g>, ||p||^2, ||g||^2 */
 INL void FN(row_stats)(const T* restrict p, const T* restrict g, int64_t C, T sgn, T* restrict out) {
     T pg = 0, pp = 0, gg = 0;

@@ -17,20 +17,7 @@ INL T FN(sgd_d)(const FN(hyp_t) * h, T gj, T* restrict bj_p, const int nest, con
 /* sweep A, one row: buffer stored; out[0..3] = <w,g>, ||w||^2, ||g||^2, <w,d> */
 INL void FN(sgd_stats)(const FN(hyp_t) * h, const T* restrict p, const T* restrict g, T* restrict b, int64_t C,
                        T* restrict out, const int nest) {
-    T pg = 0, pp = 0, gg = 0, pd = 0;
-#pragma omp simd reduction(+ : pg, pp, gg, pd)
-    for (int64_t j = 0; j < C; j++) {
-        T pj = p[j], gj = g[j];
-        T d = FN(sgd_d)(h, gj, b + j, nest, 1);
-        pg += pj * gj;
-        pp += pj * pj;
-        gg += gj * gj;
-        pd += pj * d;
-    }
-    out[0] = h->sgn * pg;
-    out[1] = pp;
-    out[2] = gg;
-    out[3] = pd;
+    ROW_SWEEP(p, g, C, h->sgn, out, FN(sgd_d)(h, gj, b + j, nest, 1), (void)0);
 }
 
 /* sweep B (STORED: the buffer is already updated) or the only sweep of a tensor that is never projected:

@@ -13,14 +13,13 @@ square root, as in ``torch.optim.AdamW``). Weight-decay divisor 1.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import Options, Rule, Scalar
+from .base import Direction, Directions, Options, Rule, Scalar, State, States, Step, Steps, Tensors
 
 
 @dataclass(frozen=True)
@@ -72,9 +71,7 @@ class AdamPRule(Rule):
             if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0.0 <= b < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {k}: {b!r}; expected 0 <= beta < 1")
 
-    def direction(
-        self, p: Tensor, g: Tensor, state: Sequence[Tensor], step: Tensor | None, o: Any, as_tensor: bool
-    ) -> tuple[Tensor, Scalar]:
+    def direction(self, p: Tensor, g: Tensor, state: State, step: Step, o: Any, as_tensor: bool) -> Direction:
         m, v = state
         assert step is not None
         step += 1
@@ -86,15 +83,7 @@ class AdamPRule(Rule):
         step_size: Scalar = o.lr / bc1
         return u, step_size
 
-    def directions(
-        self,
-        p: list[Tensor],
-        g: list[Tensor],
-        state: Sequence[list[Tensor]],
-        steps: list[Tensor] | None,
-        o: Any,
-        as_tensor: bool,
-    ) -> tuple[list[Tensor], Scalar]:
+    def directions(self, p: Tensors, g: Tensors, state: States, steps: Steps, o: Any, as_tensor: bool) -> Directions:
         M, V = state
         assert steps is not None
         b1, b2, lr = o.beta1, o.beta2, o.lr

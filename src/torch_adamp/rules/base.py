@@ -26,6 +26,13 @@ from torch import Tensor
 from ..projection import ScaleInvariant
 
 Scalar = float | Tensor
+Tensors = list[Tensor]
+State = Sequence[Tensor]  # the state tensors of one parameter, in ``state_names`` order
+States = Sequence[list[Tensor]]  # one list per state name
+Step = Tensor | None
+Steps = list[Tensor] | None
+Direction = tuple[Tensor, Scalar]  # (u, step size)
+Directions = tuple[list[Tensor], Scalar]
 
 
 @dataclass(frozen=True)
@@ -62,9 +69,7 @@ class Rule:
         """Whether the directions returned are state tensors that must keep the unprojected values."""
         return False
 
-    def direction(
-        self, p: Tensor, g: Tensor, state: Sequence[Tensor], step: Tensor | None, o: Any, as_tensor: bool
-    ) -> tuple[Tensor, Scalar]:
+    def direction(self, p: Tensor, g: Tensor, state: State, step: Step, o: Any, as_tensor: bool) -> Direction:
         """One tensor: update ``state`` in place; return the direction ``u`` and the step size ``s``.
 
         ``as_tensor``: bias corrections and other step-dependent scalars must stay
@@ -73,15 +78,7 @@ class Rule:
         """
         raise NotImplementedError
 
-    def directions(
-        self,
-        p: list[Tensor],
-        g: list[Tensor],
-        state: Sequence[list[Tensor]],
-        steps: list[Tensor] | None,
-        o: Any,
-        as_tensor: bool,
-    ) -> tuple[list[Tensor], Scalar]:
+    def directions(self, p: Tensors, g: Tensors, state: States, steps: Steps, o: Any, as_tensor: bool) -> Directions:
         """A list of same-device, same-dtype tensors: the multi-tensor form of :meth:`direction`.
 
         Returns the directions and one step size for all of them (per-tensor step

@@ -15,14 +15,13 @@ copy and the buffer keeps the raw gradients (the paper's box, timm).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import Options, Rule, Scalar
+from .base import Direction, Directions, Options, Rule, State, States, Step, Steps, Tensors
 
 
 @dataclass(frozen=True)
@@ -79,24 +78,14 @@ class SGDPRule(Rule):
     def update_is_state(self, o: Any) -> bool:
         return not o.nesterov and not o.project_momentum
 
-    def direction(
-        self, p: Tensor, g: Tensor, state: Sequence[Tensor], step: Tensor | None, o: Any, as_tensor: bool
-    ) -> tuple[Tensor, Scalar]:
+    def direction(self, p: Tensor, g: Tensor, state: State, step: Step, o: Any, as_tensor: bool) -> Direction:
         (buf,) = state
         buf.mul_(o.momentum).add_(g, alpha=1 - o.dampening)
         if o.nesterov:
             return g + o.momentum * buf, o.lr
         return (buf if o.project_momentum else buf.clone()), o.lr
 
-    def directions(
-        self,
-        p: list[Tensor],
-        g: list[Tensor],
-        state: Sequence[list[Tensor]],
-        steps: list[Tensor] | None,
-        o: Any,
-        as_tensor: bool,
-    ) -> tuple[list[Tensor], Scalar]:
+    def directions(self, p: Tensors, g: Tensors, state: States, steps: Steps, o: Any, as_tensor: bool) -> Directions:
         (B,) = state
         torch._foreach_mul_(B, o.momentum)
         torch._foreach_add_(B, g, alpha=1 - o.dampening)
