@@ -173,7 +173,7 @@ static int FN(adam_speculate)(const FN(hyp_t) * h, T* p, const T* g, T* m, T* v,
     const int dec = wd > 0;
     const T chan_thr = (T)(delta / sqrt((double)C));
     FN(hyp_t) hs = *h;
-    hs.f = (T)(1 - lr * wd * (spec != VIEW_NONE ? wd_ratio : 1.0));
+    hs.f = FN(decay)(lr, wd, wd_ratio, 1.0, spec);
     int stop = 0;
     PFOR(nt > 1 && R > 1 && R * C >= PAR_MIN, r, R, {
         int64_t o = r * C;
@@ -200,12 +200,10 @@ static int FN(adam_speculate)(const FN(hyp_t) * h, T* p, const T* g, T* m, T* v,
     int view = FN(decide_from)(stats, R, C, hs.eps, delta, mode, tot);
     if (check) counts[view == spec ? 0 : 1]++;
     if (view == spec) return view; /* every row was written: a CHANNEL guess stops only when the view is not */
-    hs.f = (T)(1 - lr * wd * (view != VIEW_NONE ? wd_ratio : 1.0));
+    hs.f = FN(decay)(lr, wd, wd_ratio, 1.0, view);
     T coef_l = 0;
     if (view == VIEW_LAYER) {
-        T wu = 0;
-        for (int64_t r = 0; r < R; r++) wu += stats[4 * r + 3];
-        coef_l = FN(coef)(wu, tot[1], hs.eps);
+        coef_l = FN(layer_coef)(stats, R, tot[1], hs.eps);
     }
     PFOR(nt > 1 && R > 1 && R * C >= PAR_MIN, r, R, {
         int64_t o = r * C;
@@ -299,7 +297,7 @@ int FN(torch_adamp_adamp)(ta_args* a) {
             });
             view = FN(decide_from)(stats, R, C, h.eps, delta, mode, tot);
             views[i] = view;
-            h.f = (T)(1 - lr * wd * (view != VIEW_NONE ? wd_ratio : 1.0));
+            h.f = FN(decay)(lr, wd, wd_ratio, 1.0, view);
             if (view == VIEW_CHANNEL) {
                 FN(channel_coefs)(stats, R, h.eps);
                 PFOR(nt > 1 && R > 1 && R * C >= PAR_MIN, r, R, {
@@ -308,9 +306,7 @@ int FN(torch_adamp_adamp)(ta_args* a) {
                 });
             } else {
                 if (view == VIEW_LAYER) {
-                    T wu = 0;
-                    for (int64_t r = 0; r < R; r++) wu += stats[4 * r + 3];
-                    coef_l = FN(coef)(wu, tot[1], h.eps);
+                    coef_l = FN(layer_coef)(stats, R, tot[1], h.eps);
                 }
                 int64_t N = R * C, nblk = (N + BLOCK - 1) / BLOCK;
                 PFOR(nt > 1 && N >= PAR_MIN, k, nblk, {
@@ -334,16 +330,14 @@ int FN(torch_adamp_adamp)(ta_args* a) {
                     int64_t o = r * C;
                     stats[4 * r + 3] = FN(adam_wu_any)(&h, p + o, g + o, m + o, v + o, C, nest);
                 });
-                T wu = 0;
-                for (int64_t r = 0; r < R; r++) wu += stats[4 * r + 3];
-                coef_l = FN(coef)(wu, tot[1], h.eps);
+                coef_l = FN(layer_coef)(stats, R, tot[1], h.eps);
             }
         } else {
             C = (R > 0 ? R : 1) * C;
             R = 1;
         }
         views[i] = view;
-        h.f = (T)(1 - lr * wd * (view != VIEW_NONE ? wd_ratio : 1.0));
+        h.f = FN(decay)(lr, wd, wd_ratio, 1.0, view);
         int64_t N = R * C;
         if (view == VIEW_CHANNEL) {
             PFOR(nt > 1 && R > 1 && N >= PAR_MIN, r, R, {

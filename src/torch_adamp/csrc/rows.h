@@ -83,6 +83,18 @@ INL T FN(coef)(T wu, T ww, T eps) {
     return wu / (nrm * nrm);
 }
 
+/* the layer view's coefficient from the row sums: c = sum_r <w_r,u_r> / (||w|| + eps)^2, rows in order */
+INL T FN(layer_coef)(const T* stats, int64_t R, T ww, T eps) {
+    T wu = 0;
+    for (int64_t r = 0; r < R; r++) wu += stats[4 * r + 3];
+    return FN(coef)(wu, ww, eps);
+}
+
+/* decoupled weight decay: w <- w (1 - lr wd r / divisor), r = wd_ratio when projected */
+INL T FN(decay)(double lr, double wd, double wd_ratio, double divisor, int view) {
+    return (T)(1 - lr * wd * (view != VIEW_NONE ? wd_ratio : 1.0) / divisor);
+}
+
 /* the channel view's coefficient of every row, in place of <w,u> (stats[4r+3]); vectorised across rows */
 static void FN(channel_coefs)(T* stats, int64_t R, T eps) {
 #pragma omp simd

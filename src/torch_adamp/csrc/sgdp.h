@@ -90,7 +90,7 @@ static int FN(sgd_speculate)(const FN(hyp_t) * h, T* p, const T* g, T* b, int64_
     const int dec = wd > 0;
     const T chan_thr = (T)(delta / sqrt((double)C));
     FN(hyp_t) hs = *h;
-    hs.f = (T)(1 - lr * wd * (spec != VIEW_NONE ? wd_ratio : 1.0) / (1 - momentum));
+    hs.f = FN(decay)(lr, wd, wd_ratio, 1 - momentum, spec);
     int stop = 0;
     PFOR(nt > 1 && R > 1 && R * C >= PAR_MIN, r, R, {
         int64_t o = r * C;
@@ -191,9 +191,7 @@ int FN(torch_adamp_sgdp)(ta_args* a) {
             } /* wrong guess: the rows are as after sweep A; sweep B below */
             kind = view == VIEW_NONE ? KIND_AFTER : KIND_AFTER_PROJ;
             if (view == VIEW_LAYER) {
-                T wd_sum = 0;
-                for (int64_t r = 0; r < R; r++) wd_sum += stats[4 * r + 3];
-                coef_l = FN(coef)(wd_sum, tot[1], h.eps);
+                coef_l = FN(layer_coef)(stats, R, tot[1], h.eps);
             }
         } else if (R > 0 && mode != MODE_NEVER) { /* sweep A: the buffer, and the four row sums */
             PFOR(nt > 1 && R > 1 && R * C >= PAR_MIN, r, R, {
@@ -203,16 +201,14 @@ int FN(torch_adamp_sgdp)(ta_args* a) {
             view = FN(decide_from)(stats, R, C, h.eps, delta, mode, tot);
             kind = view == VIEW_NONE ? KIND_AFTER : KIND_AFTER_PROJ;
             if (view == VIEW_LAYER) {
-                T wd_sum = 0;
-                for (int64_t r = 0; r < R; r++) wd_sum += stats[4 * r + 3];
-                coef_l = FN(coef)(wd_sum, tot[1], h.eps);
+                coef_l = FN(layer_coef)(stats, R, tot[1], h.eps);
             }
         } else {
             C = (R > 0 ? R : 1) * C;
             R = 1;
         }
         views[i] = view;
-        h.f = (T)(1 - lr * wd * (view != VIEW_NONE ? wd_ratio : 1.0) / (1 - momentum));
+        h.f = FN(decay)(lr, wd, wd_ratio, 1 - momentum, view);
         int64_t N = R * C;
         if (view == VIEW_CHANNEL) {
             FN(channel_coefs)(stats, R, h.eps);

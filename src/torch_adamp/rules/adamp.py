@@ -47,21 +47,11 @@ class AdamPRule(Rule):
     counts_steps = True
     kernel_fields = ("beta1", "beta2", "nesterov")
 
-    def options(self, group: dict[str, Any]) -> AdamPOptions:
+    options_type = AdamPOptions
+
+    def renamed(self, group: dict[str, Any]) -> dict[str, Any]:
         beta1, beta2 = group["betas"]
-        return AdamPOptions(
-            lr=group["lr"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            delta=group["delta"],
-            wd_ratio=group["wd_ratio"],
-            maximize=group["maximize"],
-            scale_invariant=group["scale_invariant"],
-            capturable=group["capturable"],
-            beta1=beta1,
-            beta2=beta2,
-            nesterov=group["nesterov"],
-        )
+        return {"beta1": beta1, "beta2": beta2}
 
     def check(self, group: dict[str, Any]) -> None:
         betas = group["betas"]

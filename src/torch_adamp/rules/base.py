@@ -17,6 +17,7 @@ direction in the native kernel, for the fused CPU path).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -60,6 +61,8 @@ class Rule:
     counts_steps: ClassVar[bool]
     #: the native kernel's rule-specific arguments, in the order of its C struct
     kernel_fields: ClassVar[tuple[str, ...]]
+    #: the rule's options: a frozen dataclass extending :class:`Options`
+    options_type: ClassVar[type[Options]]
 
     def wd_divisor(self, o: Any) -> float:
         """``D`` of the decoupled weight decay ``w (1 - lr wd r / D)``."""
@@ -94,5 +97,10 @@ class Rule:
         """Raise ``ValueError`` naming the option for a group value this rule cannot take."""
 
     def options(self, group: dict[str, Any]) -> Any:
-        """The rule's options from a parameter group."""
-        raise NotImplementedError
+        """The rule's options from a parameter group: its fields of the same name, and :meth:`renamed`."""
+        values = {f.name: group[f.name] for f in dataclasses.fields(self.options_type) if f.name in group}
+        return self.options_type(**{**values, **self.renamed(group)})
+
+    def renamed(self, group: dict[str, Any]) -> dict[str, Any]:
+        """Options whose group key differs from the option name (AdamP: ``betas`` -> ``beta1``, ``beta2``)."""
+        return {}

@@ -43,20 +43,7 @@ class SGDPRule(Rule):
     counts_steps = False
     kernel_fields = ("momentum", "dampening", "nesterov", "project_momentum")
 
-    def options(self, group: dict[str, Any]) -> SGDPOptions:
-        return SGDPOptions(
-            lr=group["lr"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            delta=group["delta"],
-            wd_ratio=group["wd_ratio"],
-            maximize=group["maximize"],
-            scale_invariant=group["scale_invariant"],
-            momentum=group["momentum"],
-            dampening=group["dampening"],
-            nesterov=group["nesterov"],
-            project_momentum=group["project_momentum"],
-        )
+    options_type = SGDPOptions
 
     def check(self, group: dict[str, Any]) -> None:
         _nonneg("momentum", group["momentum"])
