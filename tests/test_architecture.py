@@ -28,6 +28,7 @@ LAYERS = {
     "optimizer": 4,
     "adamp": 5,
     "sgdp": 5,
+    "projected": 5,
     "interop": 6,
     "__init__": 7,
     "experiments": 8,

@@ -9,6 +9,7 @@ from .diagnostics import find_scale_invariant, param_groups
 from .distributed import FlatParameterError
 from .functional import adamp, sgdp
 from .interop import to_reference_state_dict
+from .projected import Projected
 from .projection import project_single, projection_coefficients
 from .sgdp import SGDP
 
@@ -18,6 +19,7 @@ __all__ = [
     "SGDP",
     "AdamP",
     "FlatParameterError",
+    "Projected",
     "__version__",
     "adamp",
     "find_scale_invariant",

@@ -1,0 +1,318 @@
+"""``Projected(inner)``: the paper's projection around any ``torch.optim.Optimizer``.
+
+Heo et al. (ICLR 2021) argue for every momentum optimizer: on a scale-invariant
+weight the radial component of the update only inflates ``||w||`` and so decays
+the effective step size; removing it is the remedy. :class:`Projected` applies it
+to the whole update of an optimizer it wraps (AdamW, Adafactor, RAdam, NAdam,
+8-bit AdamW, Lion, ...), with the same decision and projection as AdamP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import distributed, projection
+from .engine import precision
+from .optimizer import TrackStats, _check_nonneg
+
+__all__ = ["Projected"]
+
+#: optimizer classes (by name) whose ``weight_decay`` is decoupled, ``w <- (1 - lr wd) w`` before the step,
+#: and that have no ``decoupled_weight_decay`` group key saying so themselves
+DECOUPLED = frozenset({"AdamW", "Adafactor", "AdamW8bit", "AdamW4bit", "AdamWFp8", "Lion"})
+#: optimizer classes whose ``weight_decay`` is an L2 term added to the gradient (coupled)
+COUPLED = frozenset({"SGD", "Adam", "Adagrad", "Adamax", "ASGD", "RMSprop", "Rprop", "NAdam", "RAdam"})
+
+#: the group keys :class:`Projected` adds (``projection_eps``: ``eps`` is the inner optimizer's own key)
+OPTIONS = ("delta", "wd_ratio", "projection_eps", "scale_invariant", "track_stats")
+
+
+class Projected(TrackStats, Optimizer):
+    r"""The radial component of any optimizer's update removed for scale-invariant weights.
+
+    ``Projected(inner)`` *is* the optimizer: it shares ``inner.param_groups``
+    and ``inner.state`` (the same objects), so lr schedulers, ``zero_grad``,
+    ``state_dict`` / ``load_state_dict`` (delegated to ``inner``), GradScaler
+    and checkpointing work as with ``inner``. Its options become keys of every
+    group (``delta``, ``wd_ratio``, ``projection_eps``, ``scale_invariant``,
+    ``track_stats``); a group that already has one (e.g. ``scale_invariant``
+    from :func:`torch_adamp.param_groups`) keeps its own.
+
+    **Math.** For each parameter ``w`` with gradient ``g`` in a group whose
+    ``scale_invariant`` is not ``False``, with at least 2 dimensions and
+    non-empty (the *projected candidates*), per step::
+
+        w_b = w                          (copied into a buffer reused every step)
+        inner.step()                     -> w_a
+        d   = (1 - lr wd) w_b - w_a      (the inner update without its decoupled decay;
+                                          lr wd = 0 when the decay is coupled or absent)
+        decision, c = AdamP's test on (w_b, g): channel view, then layer view
+        w  <- (1 - lr wd r) w_b - (d - c w_b)      r = wd_ratio if projected, else 1
+
+    where ``c w_b`` is the radial component of ``d`` with respect to ``w_b`` in
+    the chosen view (:func:`torch_adamp.projection.projection_coefficients`:
+    ``c_i = <w_i, d_i> / (||w_i|| + eps)^2``, ``0`` when not projected). It is
+    computed as ``w <- w_a + k w_b`` with ``k = c + lr wd (1 - wd_ratio)`` on
+    projected rows and ``k = 0`` elsewhere, so a weight that is not projected
+    keeps the inner optimizer's result bit for bit. With ``torch.optim.AdamW``
+    this is AdamP, and with ``torch.optim.SGD(momentum, nesterov=True)`` it is
+    ``SGDP(..., project_momentum=False)`` (tests/test_projected.py).
+
+    **Weight decay.** A *decoupled* decay ``w <- (1 - lr wd) w`` is radial, so
+    the projection would erase it; it is taken out of ``d`` and re-applied with
+    ``wd_ratio`` as in AdamP. It is read from the group's ``lr`` and
+    ``weight_decay`` when the group has ``decoupled_weight_decay=True``
+    (torch's Adam/AdamW/RAdam/NAdam) or the inner class is one of
+    :data:`DECOUPLED` (AdamW, Adafactor, torchao's AdamW8bit/4bit/Fp8, Lion),
+    or when ``decoupled_weight_decay=True`` is passed here. A *coupled* decay
+    (an L2 term ``wd w`` added to the gradient: SGD, Adam, RAdam and NAdam by
+    default, ...) is part of the update: its radial part is projected out with
+    the rest, nothing is re-applied, and projected weights get no decay of
+    their norm from it (use SGDP, or a decoupled inner optimizer, for that).
+    The scale-invariance test always uses ``p.grad`` itself (without the L2
+    term). An inner class in neither list with a non-zero ``weight_decay`` is
+    refused unless ``decoupled_weight_decay`` is given.
+
+    **Contract.** ``inner.step()`` must leave ``p.grad`` unchanged (torch.optim
+    optimizers do) and apply a decoupled decay before its update (as torch's
+    AdamW and Adafactor do). The step never synchronises with the host beyond
+    what ``inner`` does, takes no Python decision on a tensor, and compiles
+    with ``torch.compile(fullgraph=True)`` where ``inner.step`` does. FSDP2
+    DTensor parameters are supported with one packed ``all_reduce`` per step.
+
+    **Memory.** One buffer per projected candidate, the size of the parameter,
+    allocated at its first step and reused afterwards (never in
+    ``state_dict()``); nothing for other parameters.
+
+    Args:
+        inner: a constructed optimizer over the parameters.
+        delta: threshold of the cosine test, ``max cos < delta / sqrt(row length)``.
+        wd_ratio: decoupled weight-decay multiplier for projected weights, in ``[0, 1]``.
+        eps: norm floor of the projection (AdamP's ``eps``).
+        scale_invariant: ``"auto"`` (the cosine test), ``"channel"`` or
+            ``"layer"`` (always project in that view), or ``False`` (never).
+        decoupled_weight_decay: whether ``inner``'s ``weight_decay`` is decoupled;
+            ``None`` (default): from the group key or the class (see above).
+        track_stats: record per-parameter statistics, read with :meth:`stats`.
+    """
+
+    def __init__(
+        self,
+        inner: Optimizer,
+        *,
+        delta: float = 0.1,
+        wd_ratio: float = 0.1,
+        eps: float = 1e-8,
+        scale_invariant: projection.ScaleInvariant = "auto",
+        decoupled_weight_decay: bool | None = None,
+        track_stats: bool = False,
+    ) -> None:
+        if not isinstance(inner, Optimizer):
+            raise TypeError(f"Projected wraps a torch.optim.Optimizer, got {type(inner).__name__}")
+        if isinstance(inner, Projected):
+            raise ValueError("inner is already a Projected optimizer")
+        if decoupled_weight_decay not in (None, True, False):
+            raise ValueError(f"Invalid decoupled_weight_decay value: {decoupled_weight_decay!r}")
+        options = {
+            "delta": delta,
+            "wd_ratio": wd_ratio,
+            "projection_eps": eps,
+            "scale_invariant": scale_invariant,
+            "track_stats": track_stats,
+        }
+        self._check(options)
+        self._ready = False
+        self.inner = inner
+        self._decoupled_arg = decoupled_weight_decay
+        self._pre: dict[Tensor, Tensor] = {}  # param -> its value before the step (reused buffer)
+        self._last_stats = []
+        self._stats_copies = {}
+        for g in inner.param_groups:
+            self._check({**options, **{k: g[k] for k in OPTIONS if k in g}})
+            self._decay_kind(g)
+        # torch's hooks and step patching; our add_param_group ignores the placeholder group
+        super().__init__([{"params": []}], options)
+        self._ready = True
+        inner.defaults.update(options)  # groups added to inner later get them too
+        self.defaults = inner.defaults
+        self._fill_groups()
+
+    # -- sharing the inner optimizer's containers ----------------------------------------
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        if self._ready:
+            self.inner.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:  # type: ignore[override]
+        return self.inner.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        if self._ready:
+            self.inner.state = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not self._ready:
+            return  # Optimizer.__init__'s placeholder
+        self._check({**self.defaults, **param_group})
+        self._decay_kind(param_group)
+        self.inner.add_param_group(param_group)
+        self._fill_groups()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``inner.load_state_dict``; groups saved without the projection options get this optimizer's."""
+        self.inner.load_state_dict(state_dict)
+        self._fill_groups()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_pre", "_last_stats", "_stats_copies")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.update(_pre={}, _last_stats=[], _stats_copies={})
+
+    def __repr__(self) -> str:
+        return f"Projected({self.inner!r})"
+
+    def _fill_groups(self) -> None:
+        for g in self.inner.param_groups:
+            for k in OPTIONS:
+                g.setdefault(k, self.defaults[k])
+
+    @staticmethod
+    def _check(o: dict[str, Any]) -> None:
+        for name in ("delta", "wd_ratio", "projection_eps"):
+            _check_nonneg(name, o[name])
+        if o["wd_ratio"] > 1:
+            raise ValueError(f"Invalid wd_ratio value: {o['wd_ratio']!r}; expected a number in [0, 1]")
+        projection.check_scale_invariant(o["scale_invariant"])
+
+    def _decay_kind(self, group: dict[str, Any]) -> bool:
+        """Whether the group's ``weight_decay`` is decoupled (``False`` also when there is none)."""
+        wd = group.get("weight_decay", self.inner.defaults.get("weight_decay", 0))
+        name = type(self.inner).__name__
+        if self._decoupled_arg is not None:
+            return self._decoupled_arg and wd != 0
+        key = group.get("decoupled_weight_decay", self.inner.defaults.get("decoupled_weight_decay"))
+        if key is not None:
+            return bool(key) and wd != 0
+        if name in DECOUPLED:
+            return wd != 0
+        if name in COUPLED or not wd:
+            return False
+        raise ValueError(
+            f"Projected does not know whether the weight_decay of {name} is decoupled (w <- (1 - lr wd) w) or an "
+            "L2 term in the gradient; pass decoupled_weight_decay=True or False"
+        )
+
+    # -- the step ------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """``inner.step()`` with the radial part of the update removed for scale-invariant weights."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        before = self._stats_before()
+        jobs = []
+        for group in self.param_groups:
+            if group["scale_invariant"] is False:
+                continue
+            params = [p for p in group["params"] if p.grad is not None and projection.projectable_shape(p.shape)]
+            if params:
+                jobs.append((group, params, [p.grad for p in params], self._copy_before(params)))
+        self.inner.step()
+        views: dict[Tensor, Tensor] = {}
+        distributed.run_group_steps(self._project_group, [(*job, views) for job in jobs])
+        self._stats_after(before, views)
+        return loss
+
+    def _copy_before(self, params: list[Tensor]) -> list[Tensor]:
+        bufs = []
+        for p in params:
+            buf = self._pre.get(p)
+            if buf is None or (buf.shape, buf.dtype, buf.device) != (p.shape, p.dtype, p.device):
+                buf = self._pre[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+            bufs.append(buf)
+        if any(distributed.is_dtensor(p) for p in params):  # no foreach copy for DTensors
+            for buf, p in zip(bufs, params, strict=True):
+                buf.copy_(p.detach())
+        else:
+            torch._foreach_copy_(bufs, [p.detach() for p in params])
+        return bufs
+
+    def _project_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        befores: list[Tensor],
+        views: dict[Tensor, Tensor],
+    ) -> None:
+        dist, (P, G, B) = distributed.localize(
+            group,
+            params,
+            grads,
+            befores,
+            describe=lambda i, p: f"parameter #{i} (shape {tuple(p.shape)}) of its parameter group",
+            optimizer="Projected",
+        )
+        lr, wd, ratio = group["lr"], group.get("weight_decay", 0), group["wd_ratio"]
+        decoupled = self._decay_kind(group)
+        for idx in precision.group_by_device_and_dtype(range(len(P)), P).values():
+            w_a = [precision.upcast(P[i]) for i in idx]
+            w_b = [precision.upcast(B[i]) for i in idx]
+            g = [precision.upcast(G[i]) for i in idx]
+            view = self._project(w_a, w_b, g, group, lr, wd if decoupled else 0, ratio, dist)
+            precision.write_back([P[i] for i in idx], w_a)
+            for k, i in enumerate(idx):
+                views[params[i]] = view[k]
+
+    @staticmethod
+    def _project(
+        w_a: Sequence[Tensor],
+        w_b: Sequence[Tensor],
+        g: Sequence[Tensor],
+        group: dict[str, Any],
+        lr: float | Tensor,
+        wd: float,
+        ratio: float,
+        dist: Any,
+    ) -> Tensor:
+        """``w_a <- w_a + k w_b`` (see the class docstring); returns the view codes."""
+        # d = (1 - lr wd) w_b - w_a: the inner update without its decoupled decay
+        if wd:
+            d = list(torch._foreach_mul(w_b, 1 - lr * wd))
+            torch._foreach_sub_(d, list(w_a))
+        else:
+            d = list(torch._foreach_sub(list(w_b), list(w_a)))
+        coefs, view, _ = projection.projection_coefficients(
+            w_b,
+            g,
+            d,
+            delta=group["delta"],
+            eps=group["projection_eps"],
+            mode=group["scale_invariant"],
+            global_shapes=dist.global_shapes(w_a) if dist is not None else None,
+            rows_split=dist.rows_split(w_a) if dist is not None else None,
+            all_reduce=dist.all_reduce if dist is not None else None,
+        )
+        if wd:
+            # projected: the decay factor 1 - lr wd becomes 1 - lr wd wd_ratio
+            extra = torch.where(view > 0, lr * wd * (1 - ratio), 0.0).to(coefs[0].dtype)
+            coefs = [c + e for c, e in zip(coefs, extra.unbind(), strict=True)]
+        torch._foreach_addcmul_(list(w_a), list(w_b), coefs)
+        return view
