@@ -231,6 +231,13 @@ OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
 }
 
 
+def _projected_adamw(params: Any, track_stats: bool = False, **kw: Any) -> torch.optim.Optimizer:
+    return torch_adamp.Projected(torch.optim.AdamW(params, **kw), track_stats=track_stats)
+
+
+OPTIMIZERS["projected_adamw"] = (_projected_adamw, {"lr": 5e-3, "weight_decay": 1e-2})  # type: ignore[assignment]
+
+
 def make_opt(kind: str, params: Any, **kw: Any) -> torch.optim.Optimizer:
     cls, hyper = OPTIMIZERS[kind]
     return cls(params, **hyper, **kw)
@@ -259,7 +266,7 @@ def _fsdp2_vs_unsharded(
             return named
         by = lambda keep: [(n, p) for n, p in named if keep(n, p)]
         return [  # several groups that each hold sharded weights, and one without any
-            {"params": by(lambda n, p: n.startswith("conv")), "lr": 2e-2 if kind == "adamp" else 0.2},
+            {"params": by(lambda n, p: n.startswith("conv")), "lr": 2e-2 if kind != "sgdp" else 0.2},
             {"params": by(lambda n, p: n.startswith("fc1")), "weight_decay": 0.0},
             {"params": by(lambda n, p: p.dim() > 1 and n.startswith(("fc2", "head")))},
             {"params": by(lambda n, p: p.dim() <= 1 and not n.startswith(("conv", "fc1"))), "weight_decay": 0.0},
@@ -305,6 +312,14 @@ def _fsdp2_vs_unsharded(
         "views_ref": views_ref,
         "collectives_with_stats": counts,
     }
+
+
+def fsdp2_projected_adamw(rank: int, tmp: str) -> dict:
+    return _fsdp2_vs_unsharded(rank, "projected_adamw")
+
+
+def fsdp2_projected_adamw_groups(rank: int, tmp: str) -> dict:
+    return _fsdp2_vs_unsharded(rank, "projected_adamw", dim1=True, groups=True)
 
 
 def fsdp2_adamp(rank: int, tmp: str) -> dict:
@@ -635,6 +650,8 @@ def fsdp2_checkpoint(rank: int, tmp: str) -> dict:
 
 
 ALL = [
+    "fsdp2_projected_adamw",
+    "fsdp2_projected_adamw_groups",
     "fsdp2_adamp",
     "fsdp2_sgdp",
     "fsdp2_adamp_shard1",

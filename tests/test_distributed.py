@@ -82,6 +82,8 @@ FLOAT32 = [
     "fsdp2_sgdp_shard1",
     "fsdp2_adamp_groups",
     "fsdp2_sgdp_single_tensor",
+    "fsdp2_projected_adamw",
+    "fsdp2_projected_adamw_groups",
 ]
 FLOAT64 = ["fsdp2_adamp_f64", "fsdp2_sgdp_f64", "fsdp2_adamp_shard1_f64", "fsdp2_sgdp_shard1_f64"]
 

@@ -28,6 +28,10 @@ DECOUPLED = frozenset({"AdamW", "Adafactor", "AdamW8bit", "AdamW4bit", "AdamWFp8
 #: optimizer classes whose ``weight_decay`` is an L2 term added to the gradient (coupled)
 COUPLED = frozenset({"SGD", "Adam", "Adagrad", "Adamax", "ASGD", "RMSprop", "Rprop", "NAdam", "RAdam"})
 
+#: optimizer classes whose step may change ``p.grad`` in place (torch's foreach SGD adds the Nesterov
+#: term to it): the gradients of the projected candidates are copied before their step
+MUTATES_GRADS = frozenset({"SGD"})
+
 #: the group keys :class:`Projected` adds (``projection_eps``: ``eps`` is the inner optimizer's own key)
 OPTIONS = ("delta", "wd_ratio", "projection_eps", "scale_invariant", "track_stats")
 
@@ -79,7 +83,8 @@ class Projected(TrackStats, Optimizer):
     refused unless ``decoupled_weight_decay`` is given.
 
     **Contract.** ``inner.step()`` must leave ``p.grad`` unchanged (torch.optim
-    optimizers do) and apply a decoupled decay before its update (as torch's
+    optimizers do, but torch's foreach SGD with Nesterov momentum: for the
+    classes in :data:`MUTATES_GRADS` the gradients are copied first) and apply a decoupled decay before its update (as torch's
     AdamW and Adafactor do). The step never synchronises with the host beyond
     what ``inner`` does, takes no Python decision on a tensor, and compiles
     with ``torch.compile(fullgraph=True)`` where ``inner.step`` does. FSDP2
@@ -87,7 +92,8 @@ class Projected(TrackStats, Optimizer):
 
     **Memory.** One buffer per projected candidate, the size of the parameter,
     allocated at its first step and reused afterwards (never in
-    ``state_dict()``); nothing for other parameters.
+    ``state_dict()``); nothing for other parameters (a second one for the
+    gradient with the classes of :data:`MUTATES_GRADS`).
 
     Args:
         inner: a constructed optimizer over the parameters.
@@ -130,6 +136,7 @@ class Projected(TrackStats, Optimizer):
         self.inner = inner
         self._decoupled_arg = decoupled_weight_decay
         self._pre: dict[Tensor, Tensor] = {}  # param -> its value before the step (reused buffer)
+        self._pre_grad: dict[Tensor, Tensor] = {}  # param -> its gradient, for MUTATES_GRADS optimizers
         self._last_stats = []
         self._stats_copies = {}
         for g in inner.param_groups:
@@ -178,11 +185,13 @@ class Projected(TrackStats, Optimizer):
         self._fill_groups()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_pre", "_last_stats", "_stats_copies")}
+        return {
+            k: v for k, v in self.__dict__.items() if k not in ("_pre", "_pre_grad", "_last_stats", "_stats_copies")
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.__dict__.update(_pre={}, _last_stats=[], _stats_copies={})
+        self.__dict__.update(_pre={}, _pre_grad={}, _last_stats=[], _stats_copies={})
 
     def __repr__(self) -> str:
         return f"Projected({self.inner!r})"
@@ -233,25 +242,30 @@ class Projected(TrackStats, Optimizer):
                 continue
             params = [p for p in group["params"] if p.grad is not None and projection.projectable_shape(p.shape)]
             if params:
-                jobs.append((group, params, [p.grad for p in params], self._copy_before(params)))
+                grads = [p.grad for p in params]
+                if type(self.inner).__name__ in MUTATES_GRADS:
+                    grads = self._copy_before(grads, self._pre_grad, params)
+                jobs.append((group, params, grads, self._copy_before(params, self._pre, params)))
         self.inner.step()
         views: dict[Tensor, Tensor] = {}
         distributed.run_group_steps(self._project_group, [(*job, views) for job in jobs])
         self._stats_after(before, views)
         return loss
 
-    def _copy_before(self, params: list[Tensor]) -> list[Tensor]:
+    @staticmethod
+    def _copy_before(tensors: list[Any], store: dict[Tensor, Tensor], params: list[Tensor]) -> list[Tensor]:
+        """Copies of ``tensors`` in buffers of ``store`` (keyed by parameter), allocated once and reused."""
         bufs = []
-        for p in params:
-            buf = self._pre.get(p)
-            if buf is None or (buf.shape, buf.dtype, buf.device) != (p.shape, p.dtype, p.device):
-                buf = self._pre[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+        for t, p in zip(tensors, params, strict=True):
+            buf = store.get(p)
+            if buf is None or (buf.shape, buf.dtype, buf.device) != (t.shape, t.dtype, t.device):
+                buf = store[p] = torch.empty_like(t, memory_format=torch.preserve_format)
             bufs.append(buf)
         if any(distributed.is_dtensor(p) for p in params):  # no foreach copy for DTensors
-            for buf, p in zip(bufs, params, strict=True):
-                buf.copy_(p.detach())
+            for buf, t in zip(bufs, tensors, strict=True):
+                buf.copy_(t.detach())
         else:
-            torch._foreach_copy_(bufs, [p.detach() for p in params])
+            torch._foreach_copy_(bufs, [t.detach() for t in tensors])
         return bufs
 
     def _project_group(
@@ -312,7 +326,7 @@ class Projected(TrackStats, Optimizer):
         )
         if wd:
             # projected: the decay factor 1 - lr wd becomes 1 - lr wd wd_ratio
-            extra = torch.where(view > 0, lr * wd * (1 - ratio), 0.0).to(coefs[0].dtype)
+            extra = (view > 0).to(coefs[0].dtype) * (lr * wd * (1 - ratio))  # in the tensors' dtype
             coefs = [c + e for c, e in zip(coefs, extra.unbind(), strict=True)]
         torch._foreach_addcmul_(list(w_a), list(w_b), coefs)
         return view
