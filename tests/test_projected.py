@@ -153,6 +153,7 @@ def test_not_projected_weights_keep_the_inner_result_bitwise() -> None:
     pa, pb = _params(), _params()
     inner_a = torch.optim.AdamW(pa, lr=0.05, weight_decay=0.1)
     b = Projected(torch.optim.AdamW(pb, lr=0.05, weight_decay=0.1), track_stats=True)
+    ever: set[int] = set()
     for step in range(3):
         grads = _grads(pa, step)
         _set_grads(pa, grads)
@@ -160,7 +161,7 @@ def test_not_projected_weights_keep_the_inner_result_bitwise() -> None:
         inner_a.step()
         b.step()
         views = list(_views(b).values())
-        ever = {i for i, v in enumerate(views) if v} | (ever if step else set())
+        ever |= {i for i, v in enumerate(views) if v}
         for i, (p, q) in enumerate(zip(pa, pb, strict=True)):
             assert torch.equal(p, q) == (i not in ever)
     assert ever != set(range(len(pa)))
@@ -325,7 +326,7 @@ def test_stats_and_named_parameters() -> None:
 
 def test_bad_arguments_are_refused() -> None:
     params = _params()
-    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer"):
         Projected(params)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="wd_ratio"):
         Projected(torch.optim.AdamW(params), wd_ratio=2.0)

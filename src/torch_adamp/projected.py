@@ -84,7 +84,8 @@ class Projected(TrackStats, Optimizer):
 
     **Contract.** ``inner.step()`` must leave ``p.grad`` unchanged (torch.optim
     optimizers do, but torch's foreach SGD with Nesterov momentum: for the
-    classes in :data:`MUTATES_GRADS` the gradients are copied first) and apply a decoupled decay before its update (as torch's
+    classes in :data:`MUTATES_GRADS` the gradients are copied first) and
+    apply a decoupled decay before its update (as torch's
     AdamW and Adafactor do). The step never synchronises with the host beyond
     what ``inner`` does, takes no Python decision on a tensor, and compiles
     with ``torch.compile(fullgraph=True)`` where ``inner.step`` does. FSDP2
@@ -150,8 +151,8 @@ class Projected(TrackStats, Optimizer):
         self._fill_groups()
 
     # -- sharing the inner optimizer's containers ----------------------------------------
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
         return self.inner.param_groups
 
     @param_groups.setter
@@ -159,8 +160,8 @@ class Projected(TrackStats, Optimizer):
         if self._ready:
             self.inner.param_groups = value
 
-    @property  # type: ignore[override]
-    def state(self) -> Any:  # type: ignore[override]
+    @property
+    def state(self) -> Any:
         return self.inner.state
 
     @state.setter
@@ -214,12 +215,12 @@ class Projected(TrackStats, Optimizer):
         wd = group.get("weight_decay", self.inner.defaults.get("weight_decay", 0))
         name = type(self.inner).__name__
         if self._decoupled_arg is not None:
-            return self._decoupled_arg and wd != 0
+            return bool(self._decoupled_arg and wd != 0)
         key = group.get("decoupled_weight_decay", self.inner.defaults.get("decoupled_weight_decay"))
         if key is not None:
             return bool(key) and wd != 0
         if name in DECOUPLED:
-            return wd != 0
+            return bool(wd != 0)
         if name in COUPLED or not wd:
             return False
         raise ValueError(
@@ -309,7 +310,7 @@ class Projected(TrackStats, Optimizer):
         """``w_a <- w_a + k w_b`` (see the class docstring); returns the view codes."""
         # d = (1 - lr wd) w_b - w_a: the inner update without its decoupled decay
         if wd:
-            d = list(torch._foreach_mul(w_b, 1 - lr * wd))
+            d = list(torch._foreach_mul(list(w_b), 1 - lr * wd))
             torch._foreach_sub_(d, list(w_a))
         else:
             d = list(torch._foreach_sub(list(w_b), list(w_a)))
