@@ -93,10 +93,10 @@ def _momentum_list(text: str) -> list[float]:
 
 def _optimizer_list(text: str) -> list[str]:
     names = [t.strip().lower() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in compare.OPTIMIZERS]
+    bad = [n for n in names if n not in compare.CHOICES]
     if bad or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown optimizer(s) {', '.join(bad) or repr(text)}; choose among {','.join(compare.OPTIMIZERS)}"
+            f"unknown optimizer(s) {', '.join(bad) or repr(text)}; choose among {','.join(compare.CHOICES)}"
         )
     return list(dict.fromkeys(names))
 
@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_optimizer_list,
         default=list(d.optimizers),
         metavar="LIST",
-        help=f"comma-separated, among {','.join(compare.OPTIMIZERS)} (default: all)",
+        help=f"comma-separated, among {','.join(compare.CHOICES)} (NAME+p: torch_adamp.Projected(NAME); "
+        f"default: {','.join(compare.OPTIMIZERS)})",
     )
     opt("--sgd-lr", _nonneg_float, d.sgd_lr, "LR", "SGD/SGDP learning rate")
     opt("--momentum", _momentum, d.momentum, "M", "SGD/SGDP momentum (nesterov)")

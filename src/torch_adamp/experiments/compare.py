@@ -31,6 +31,18 @@ LABELS = {"sgd": "SGD", "sgdp": "SGDP", "adamw": "AdamW", "adamp": "AdamP"}
 PAIRS = (("sgd", "sgdp"), ("adamw", "adamp"))
 BASELINE_CLASSES = {"sgd": "torch.optim.SGD", "adamw": "torch.optim.AdamW"}
 
+#: other torch.optim optimizers ``--optimizers`` accepts, alone or wrapped: ``NAME+p`` is
+#: ``torch_adamp.Projected(NAME)``. RAdam and NAdam use decoupled weight decay (AdamW's hyper-parameters);
+#: Adafactor its own default lr 1e-2 with the AdamW weight decay (decoupled).
+WRAPPABLE = {"adafactor": "Adafactor", "radam": "RAdam", "nadam": "NAdam"}
+ADAFACTOR_LR = 1e-2
+for _name, _cls in WRAPPABLE.items():
+    LABELS[_name], LABELS[f"{_name}+p"] = _cls, f"{_cls}+P"
+    BASELINE_CLASSES[_name] = f"torch.optim.{_cls}"
+    BASELINE_CLASSES[f"{_name}+p"] = f"torch_adamp.Projected(torch.optim.{_cls})"
+#: every name ``--optimizers`` accepts (the default set is OPTIMIZERS)
+CHOICES = OPTIMIZERS + tuple(n for w in WRAPPABLE for n in (w, f"{w}+p"))
+
 
 @dataclass
 class Config:
@@ -103,7 +115,20 @@ def make_optimizer(name: str, model: nn.Module, cfg: Config) -> torch.optim.Opti
             weight_decay=cfg.adam_weight_decay,
             track_stats=True,
         )
-    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    base = name.removesuffix("+p")
+    if base in WRAPPABLE:
+        params = model.named_parameters() if name != base else model.parameters()
+        if base == "adafactor":
+            inner: torch.optim.Optimizer = torch.optim.Adafactor(
+                params, lr=ADAFACTOR_LR, weight_decay=cfg.adam_weight_decay
+            )
+        else:
+            cls = getattr(torch.optim, WRAPPABLE[base])
+            inner = cls(
+                params, lr=cfg.adam_lr, betas=cfg.betas, weight_decay=cfg.adam_weight_decay, decoupled_weight_decay=True
+            )
+        return torch_adamp.Projected(inner, track_stats=True) if name != base else inner
+    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(CHOICES)}")
 
 
 @torch.no_grad()
@@ -121,7 +146,7 @@ def _weight_stats(
 ) -> tuple[list[float], list[float], list[bool] | None]:
     """Per scale-invariant weight after the last step: norm, effective step size ``lr / ||w||^2`` and,
     for SGDP/AdamP, whether the optimizer projected it (from ``opt.stats()``)."""
-    if isinstance(opt, (torch_adamp.SGDP, torch_adamp.AdamP)):
+    if isinstance(opt, (torch_adamp.SGDP, torch_adamp.AdamP, torch_adamp.Projected)):
         s = opt.stats()
         return (
             [s[f"{n}/weight_norm"] for n in names],
