@@ -34,7 +34,15 @@ def finite(values: list[float]) -> bool:
     return bool(values) and all(math.isfinite(v) for v in values)
 
 
-NAMES = ["amp_gradscaler", "compile_step", "hf_trainer", "lightning_module", "plain_loop_scheduler", "timm_model"]
+NAMES = [
+    "amp_gradscaler",
+    "compile_step",
+    "hf_trainer",
+    "lightning_module",
+    "plain_loop_scheduler",
+    "projected_optimizer",
+    "timm_model",
+]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -43,6 +51,11 @@ def test_example_is_a_script_with_main(name: str) -> None:
     text = (EXAMPLES / f"{name}.py").read_text()
     assert "def main(argv: list[str] | None = None)" in text
     assert 'if __name__ == "__main__":\n    main()' in text
+
+
+def test_projected_optimizer_keeps_the_norm() -> None:
+    plain, projected = load("projected_optimizer").main(["--steps", "60"])
+    assert projected < plain
 
 
 @pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
