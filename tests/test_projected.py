@@ -342,3 +342,44 @@ def test_bad_arguments_are_refused() -> None:
         Projected(Custom(params, lr=0.1, weight_decay=0.1))
     Projected(Custom(params, lr=0.1, weight_decay=0.1), decoupled_weight_decay=False)
     Projected(Custom(params, lr=0.1))  # no decay: nothing to know
+
+
+def _lion(params: Any, **kw: Any) -> torch.optim.Optimizer:
+    lion = pytest.importorskip("lion_pytorch")
+    return lion.Lion(params, **kw)
+
+
+INNERS = {
+    "adafactor": lambda ps: torch.optim.Adafactor(ps, lr=1e-2, weight_decay=0.1),
+    "radam": lambda ps: torch.optim.RAdam(ps, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+    "nadam": lambda ps: torch.optim.NAdam(ps, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+    "lion": lambda ps: _lion(ps, lr=1e-3, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INNERS))
+def test_any_inner_projected_step_is_tangent_plus_reduced_decay(name: str) -> None:
+    """For a weight projected in the channel view: w_new = (1 - lr wd wd_ratio) w - t with t orthogonal to
+    every row of w; the weights that are not projected get the inner optimizer's step unchanged."""
+    pa, pb = _params(), _params()
+    ref, opt = INNERS[name](pa), Projected(INNERS[name](pb), track_stats=True)
+    lr = opt.param_groups[0]["lr"]
+    for step in range(3):
+        grads = _grads(pb, step)
+        _set_grads(pa, grads)
+        _set_grads(pb, grads)
+        with torch.no_grad():
+            for p, q in zip(pa, pb, strict=True):
+                p.copy_(q)
+        w0 = pb[0].detach().clone()
+        ref.step()
+        opt.step()
+        assert opt.stats()["group0.param0/view"] == 1.0
+        t = ((1 - lr * 0.1 * 0.1) * w0 - pb[0].detach()).reshape(8, -1)
+        rows = w0.reshape(8, -1)
+        radial = (t * rows).sum(1) / rows.norm(dim=1)
+        assert radial.abs().max() <= 1e-4 * t.norm(dim=1).max()
+        assert t.norm() > 0 and not torch.equal(pa[0], pb[0])
+        # the inner's own decay is radial: with it, the unwrapped step would have shrunk w further
+        assert pa[0].norm() < pb[0].norm()
+        assert torch.equal(pa[-1], pb[-1])  # the bias: never projected
