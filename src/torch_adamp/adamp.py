@@ -48,6 +48,9 @@ class AdamP(ProjectedOptimizer):
             default is fused on the CPU and multi-tensor elsewhere.
         capturable: keep step counters on the device (CUDA graphs).
         track_stats: record per-parameter statistics, read with :meth:`stats`.
+        caution: timm's "cautious" update (its ``cadamp``): see
+            :func:`torch_adamp.projection.cautious`. Runs on the per-tensor and
+            multi-tensor paths (a fused request takes the multi-tensor path).
         fp32_state: moments of float16/bfloat16 parameters are kept in float32
             (default); ``False`` keeps them in the parameter dtype to save memory.
             The math always runs in float32 for half-precision parameters, and
@@ -74,5 +77,6 @@ class AdamP(ProjectedOptimizer):
         capturable: bool = False,
         track_stats: bool = False,
         fp32_state: bool = True,
+        caution: bool = False,
     ) -> None:
         super().__init__(params, defaults_of(locals()))

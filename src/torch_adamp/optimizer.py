@@ -194,6 +194,8 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         if wd_ratio > 1:
             raise ValueError(f"Invalid wd_ratio value: {wd_ratio!r}; expected a number in [0, 1]")
         projection.check_scale_invariant(group["scale_invariant"])
+        if not isinstance(group.get("caution", False), bool):
+            raise ValueError(f"Invalid caution value: {group['caution']!r}; expected True or False")
         if group.get("foreach") and group.get("fused"):
             raise ValueError("foreach and fused cannot both be True")
 
@@ -231,6 +233,11 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         if rule.counts_steps:
             lists.append([s["step"] for s in states])
         dist, local = self._dist(group, params, [p.grad for p in params], *lists)  # DTensors (FSDP2) -> shards
+        if dist is not None and group.get("caution"):
+            raise NotImplementedError(
+                "caution=True is not supported for sharded (DTensor) parameters yet: its mask is normalised by a "
+                "mean over the whole tensor, which would need a second collective"
+            )
         k = len(names)
         engine.step(
             rule,

@@ -119,6 +119,40 @@ def project_single(
     return update, view
 
 
+def cautious(p: Tensor, grad: Tensor, update: Tensor, view: Tensor, *, eps: float) -> Tensor:
+    """timm's cautious update (``caution=True`` of its AdamP/SGDP), **in place** on ``update``.
+
+    After the projection, with ``view`` the decision taken (:data:`NONE`,
+    :data:`CHANNEL`, :data:`LAYER`; a 0-d tensor) and ``p_n = w / (||w|| + eps)``
+    in that view: where projected, the gradient's tangent part
+    ``g_t = g - p_n <p_n, g>`` is the reference, else ``g`` itself; the mask
+    ``m = [u * g_ref > 0] / max(mean(m), 1e-3)`` (mean over the whole tensor)
+    multiplies ``u``, and, where projected, ``u`` is projected once more
+    (timm's "numerical stability" step). Decisions stay on the device.
+    """
+    if not projectable(p):
+        mask = (update * grad > 0).to(grad.dtype)
+        mask.div_(mask.mean().clamp_(min=1e-3))
+        return update.mul_(mask)
+    rows, expand = p.shape[0], _row_shape(p)
+    channel, projected = view == CHANNEL, view > 0
+    norm_c = p.reshape(rows, -1).norm(dim=1).view(expand)
+    norm_l = p.reshape(1, -1).norm(dim=1).view(expand)
+    p_n = p / (torch.where(channel, norm_c, torch.where(projected, norm_l, torch.ones_like(norm_l))) + eps)
+
+    def radial(x: Tensor) -> Tensor:
+        prod = p_n * x
+        c = torch.where(
+            channel, prod.reshape(rows, -1).sum(dim=1).view(expand), prod.reshape(1, -1).sum(dim=1).view(expand)
+        )
+        return p_n * torch.where(projected, c, torch.zeros_like(c))
+
+    mask = (update * (grad - radial(grad)) > 0).to(grad.dtype)
+    mask.div_(mask.mean().clamp_(min=1e-3))
+    update.mul_(mask)
+    return update.sub_(radial(update))
+
+
 AllReduce = Callable[[Tensor], None]
 
 

@@ -59,6 +59,8 @@ class SGDP(ProjectedOptimizer):
         track_stats: record per-parameter statistics, read with :meth:`stats`.
         fp32_state: moments of float16/bfloat16 parameters in float32 (default)
             or in the parameter dtype; the math always runs in float32.
+        caution: timm's "cautious" update (its ``csgdp``, with ``project_momentum=False``):
+            see :func:`torch_adamp.projection.cautious`; per-tensor and multi-tensor paths only.
     """
 
     rule = SGDP_RULE
@@ -82,5 +84,6 @@ class SGDP(ProjectedOptimizer):
         fused: bool | None = None,
         track_stats: bool = False,
         fp32_state: bool = True,
+        caution: bool = False,
     ) -> None:
         super().__init__(params, {**defaults_of(locals()), "capturable": False})

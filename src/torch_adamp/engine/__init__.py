@@ -49,7 +49,10 @@ def step(
     optimizer) keeps what the native kernels reuse between steps; without one
     they do not speculate (same results, a little slower on large tensors).
     """
-    if fused or (fused is None and foreach is None and dist is None and _fused.default_is_fused(params)):
+    if getattr(o, "caution", False) and foreach is not False:
+        # no kernel for the cautious mask: fused requests and the default take the multi-tensor path
+        paths.multi_tensor(rule, params, grads, states, steps, o, views, dist)
+    elif fused or (fused is None and foreach is None and dist is None and _fused.default_is_fused(params)):
         if dist is not None:
             paths.multi_tensor(rule, params, grads, states, steps, o, views, dist)
         else:

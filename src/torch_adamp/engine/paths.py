@@ -46,6 +46,8 @@ def single_tensor(
         u, view = projection.project_single(p, g, u, delta=o.delta, eps=o.eps, mode=o.scale_invariant)
         if views is not None:
             views[i] = view
+        if getattr(o, "caution", False):
+            projection.cautious(p, g, u, view, eps=o.eps)
         if o.weight_decay > 0:
             p.mul_(tail.decay_factor(view, p, o.lr, o.weight_decay, o.wd_ratio, divisor))
         if isinstance(step_size, Tensor):
@@ -91,6 +93,7 @@ def multi_tensor(
             updates_are_state=rule.update_is_state(o),
             views=group_views,
             dist=dist,
+            caution=getattr(o, "caution", False),
         )
         write_back([params[i] for i in idx] + [lst[i] for lst in states for i in idx], P + [t for s in S for t in s])
         tail.scatter_views(views, idx, group_views)

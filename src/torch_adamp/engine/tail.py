@@ -71,6 +71,7 @@ def apply_multi(
     updates_are_state: bool,
     views: Views,
     dist: Any = None,
+    caution: bool = False,
 ) -> None:
     """Project, decay and step a list of same-device, same-dtype tensors.
 
@@ -78,6 +79,8 @@ def apply_multi(
     unless ``updates_are_state`` (they are state that must keep the unprojected
     values: then a projected copy is made). ``dist`` is the sharding helper of
     :mod:`torch_adamp.distributed` (global shapes, one packed all_reduce).
+    ``caution``: timm's cautious masking after the projection, one tensor at a
+    time (:func:`torch_adamp.projection.cautious`; local shards only).
     """
     n = len(params)
     if n == 0:
@@ -110,6 +113,16 @@ def apply_multi(
                 updates[i] = u_proj[k]
         else:
             torch._foreach_addcmul_(u_proj, p_proj, coefs, value=-1)
+    if caution:
+        codes = [torch.zeros((), dtype=torch.long, device=params[0].device)] * n
+        for k, i in enumerate(proj_idx):
+            codes[i] = view[k]
+        proj_set0 = set(proj_idx)
+        for i in range(n):
+            if updates_are_state and i not in proj_set0:
+                updates[i] = updates[i].clone()  # the state keeps the unmasked values
+            projection.cautious(params[i], grads[i], updates[i], codes[i], eps=eps)
+    if proj_idx:
         if weight_decay != 0:
             torch._foreach_mul_(p_proj, list(decay_factor(view, p_proj[0], lr, weight_decay, wd_ratio, wd_divisor)))
     if weight_decay != 0:

@@ -27,6 +27,7 @@ class AdamPOptions(Options):
     beta1: float = 0.9
     beta2: float = 0.999
     nesterov: bool = False
+    caution: bool = False
 
 
 def _log(beta: float) -> float:

@@ -30,6 +30,7 @@ class SGDPOptions(Options):
     dampening: float = 0.0
     nesterov: bool = False
     project_momentum: bool = True
+    caution: bool = False
 
 
 def _nonneg(name: str, value: Any) -> None:
