@@ -31,7 +31,7 @@ class AdamP(ProjectedOptimizer):
 
     Args:
         params: parameters or parameter groups (``named_parameters()`` gives named errors and stats).
-        lr: learning rate (float or 0-d tensor). Default ``1e-3``.
+        lr: learning rate (float or one-element tensor). Default ``1e-3``.
         betas: coefficients of the running averages of the gradient and its square.
         eps: added to the denominator; also the norm floor of the projection.
         weight_decay: decoupled weight decay (AdamW convention, multiplied by ``lr``).

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import required
 
 from . import distributed, engine, projection
 from .engine import precision
@@ -29,6 +30,12 @@ def _check_nonneg(name: str, value: Any) -> None:
     v = value.item() if isinstance(value, Tensor) else value
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0.0 or not math.isfinite(v):
         raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number >= 0")
+
+
+#: parameter dtypes the optimizers step (half precision in float32); anything else is refused by name
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+#: group options that must be booleans (a string such as "no" would be truthy)
+BOOL_OPTIONS = ("nesterov", "maximize", "capturable", "track_stats", "fp32_state", "project_momentum", "caution")
 
 
 def check_lr(lr: Any) -> None:
@@ -173,8 +180,9 @@ class ProjectedOptimizer(TrackStats, Optimizer):
     rule: ClassVar[Rule]
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
-        self._check_common(defaults)
-        self.rule.check(defaults)
+        checked = {**defaults, "lr": 0.0} if defaults["lr"] is required else defaults  # then checked per group
+        self._check_common(checked)
+        self.rule.check(checked)
         # created here and mutated in place by step(): torch.compile replays in-place
         # container mutations, and they survive pickling/deepcopy as plain attributes
         self._last_stats = []
@@ -186,6 +194,12 @@ class ProjectedOptimizer(TrackStats, Optimizer):
     # -- argument checks -------------------------------------------------------------
     @staticmethod
     def _check_common(group: dict[str, Any]) -> None:
+        for name in BOOL_OPTIONS:
+            if name in group and not isinstance(group[name], bool):
+                raise ValueError(f"Invalid {name} value: {group[name]!r}; expected True or False")
+        for name in ("foreach", "fused"):
+            if group.get(name) is not None and not isinstance(group[name], bool):
+                raise ValueError(f"Invalid {name} value: {group[name]!r}; expected True, False or None")
         check_lr(group["lr"])
         for name in ("eps", "weight_decay", "delta"):
             _check_nonneg(name, group[name])
@@ -194,13 +208,16 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         if wd_ratio > 1:
             raise ValueError(f"Invalid wd_ratio value: {wd_ratio!r}; expected a number in [0, 1]")
         projection.check_scale_invariant(group["scale_invariant"])
-        if not isinstance(group.get("caution", False), bool):
-            raise ValueError(f"Invalid caution value: {group['caution']!r}; expected True or False")
         if group.get("foreach") and group.get("fused"):
             raise ValueError("foreach and fused cannot both be True")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **param_group}
+        if merged.get("lr") is required:
+            raise ValueError(
+                f"{type(self).__name__}: a parameter group has no lr, and no default was given; "
+                "pass lr= to the optimizer or set it in every group"
+            )
         self._check_common(merged)
         self.rule.check(merged)
         params = param_group["params"]
@@ -213,6 +230,12 @@ class ProjectedOptimizer(TrackStats, Optimizer):
                 raise ValueError(
                     f"{what} is complex; {type(self).__name__} does not support complex parameters "
                     "(pass torch.view_as_real(p) as a real parameter instead)"
+                )
+            if isinstance(p, Tensor) and p.dtype not in FLOAT_DTYPES:
+                what = f"parameter {name!r}" if name is not None else self._describe(param_group, i, p)
+                raise ValueError(
+                    f"{what} has dtype {p.dtype}; {type(self).__name__} steps float32, float64, float16 and "
+                    "bfloat16 parameters only"
                 )
         distributed.check_flat(merged, params, lambda i, p: self._describe(param_group, i, p), type(self).__name__)
         super().add_param_group(param_group)
@@ -229,6 +252,8 @@ class ProjectedOptimizer(TrackStats, Optimizer):
                     state["step"] = self._new_step(p, group)
                 for name in names:
                     state[name] = self._zeros_state(p, group)
+        if rule.counts_steps:
+            self._normalise_steps(group, states, params)
         lists = [[s[name] for s in states] for name in names]
         if rule.counts_steps:
             lists.append([s["step"] for s in states])
@@ -327,10 +352,21 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         self.__dict__.setdefault("_last_stats", [])  # not pickled (torch's __getstate__)
         self.__dict__.setdefault("_stats_copies", {})
         self.__dict__.setdefault("_workspace", engine.Workspace())
-        # groups saved by the reference package (or an older version) lack our options
+        # groups saved by the reference package (or an older version) lack our options; torch's own
+        # additions to ``defaults`` (e.g. "differentiable") are not ours to put into the groups
+        ours = self._option_names()
         for group in self.param_groups:
             for key, value in self.defaults.items():
-                group.setdefault(key, value)
+                if key in ours:
+                    group.setdefault(key, value)
+
+    @classmethod
+    def _option_names(cls) -> set[str]:
+        """The group options of this class: its constructor's arguments (and capturable)."""
+        import inspect
+
+        names = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+        return names | {"capturable"}
 
     # -- state dict: reference-package migration ---------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -340,6 +376,7 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         half-precision parameters stay float32 (torch would cast them down).
         """
         saved = state_dict["state"]
+        self._check_loadable(state_dict)  # before anything is replaced
         super().load_state_dict(state_dict)
         id_map: dict[int, Tensor] = {}
         for g_saved, g in zip(state_dict["param_groups"], self.param_groups, strict=True):
@@ -353,8 +390,9 @@ class ProjectedOptimizer(TrackStats, Optimizer):
             for name, v in value.items():
                 if name == "step" and not isinstance(v, Tensor):
                     st[name] = self._new_step(p, group).fill_(float(v))
-                elif name == "step" and group.get("capturable"):
-                    st[name] = v.to(device=p.device, dtype=torch.float32)
+                elif name == "step" and (group.get("capturable") or v.dtype != torch.float32):
+                    device = p.device if group.get("capturable") else torch.device("cpu")
+                    st[name] = v.to(device=device, dtype=torch.float32)
                 elif (
                     isinstance(v, Tensor)
                     and v.is_floating_point()
@@ -362,3 +400,36 @@ class ProjectedOptimizer(TrackStats, Optimizer):
                     and group.get("fp32_state", True)
                 ):
                     st[name] = v.to(device=p.device, dtype=torch.float32)
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        """Group values as at construction, and numeric step counters: raise ``ValueError`` naming the value."""
+        ours = self._option_names()
+        for i, group in enumerate(state_dict["param_groups"]):
+            merged = {**{k: v for k, v in self.defaults.items() if k in ours}, **group}
+            try:
+                self._check_common(merged)
+                self.rule.check(merged)
+            except ValueError as e:
+                raise ValueError(f"state dict param group {i}: {e}") from None
+        for key, st in state_dict["state"].items():
+            step = st.get("step")
+            if step is None:
+                continue
+            ok = (isinstance(step, (int, float)) and not isinstance(step, bool)) or (
+                isinstance(step, Tensor) and step.numel() == 1 and not step.is_complex() and step.dtype != torch.bool
+            )
+            if not ok:
+                raise ValueError(f"state dict: parameter {key!r} has step {step!r}; expected a number")
+
+    @staticmethod
+    def _normalise_steps(group: dict[str, Any], states: list[dict[str, Any]], params: list[Tensor]) -> None:
+        """Integer step counters (set by hand, or loaded by another class) become float32 tensors, as
+        torch.optim accepts them; done for the whole group before any tensor of it is stepped."""
+        for p, st in zip(params, states, strict=True):
+            step = st.get("step")
+            if isinstance(step, Tensor) and step.dtype == torch.float32 and step.dim() == 0:
+                continue
+            if step is not None:
+                device = p.device if group.get("capturable") else torch.device("cpu")
+                value = step if isinstance(step, Tensor) else torch.tensor(float(step))
+                st["step"] = value.detach().reshape(()).to(device=device, dtype=torch.float32)

@@ -20,6 +20,7 @@ AdamP (:mod:`torch_adamp.engine`).
 from __future__ import annotations
 
 from torch import Tensor
+from torch.optim.optimizer import required
 
 from . import projection
 from .functional import sgdp
@@ -38,7 +39,7 @@ class SGDP(ProjectedOptimizer):
 
     Args:
         params: parameters or parameter groups.
-        lr: learning rate (float or 0-d tensor; required).
+        lr: learning rate (float or one-element tensor); required unless every parameter group sets it.
         momentum: momentum factor.
         dampening: dampening of the gradient in the buffer (applied from step 1).
         weight_decay: decoupled weight decay, divided by ``1 - momentum`` as in the reference.
@@ -68,7 +69,7 @@ class SGDP(ProjectedOptimizer):
     def __init__(
         self,
         params: ParamsT,
-        lr: float | Tensor,
+        lr: float | Tensor = required,  # type: ignore[assignment]  # torch.optim's sentinel, as in adamp 0.3.0
         momentum: float = 0,
         dampening: float = 0,
         weight_decay: float = 0,

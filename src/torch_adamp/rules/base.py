@@ -99,6 +99,9 @@ class Rule:
     def options(self, group: dict[str, Any]) -> Any:
         """The rule's options from a parameter group: its fields of the same name, and :meth:`renamed`."""
         values = {f.name: group[f.name] for f in dataclasses.fields(self.options_type) if f.name in group}
+        lr = values.get("lr")
+        if isinstance(lr, Tensor) and lr.dim() > 0:  # any one-element tensor, as torch.optim accepts
+            values["lr"] = lr.reshape(())
         return self.options_type(**{**values, **self.renamed(group)})
 
     def renamed(self, group: dict[str, Any]) -> dict[str, Any]:

@@ -54,11 +54,6 @@ class SGDPRule(Rule):
                 f"Invalid momentum value: {group['momentum']!r}; weight decay divides by (1 - momentum), "
                 "so momentum must be < 1"
             )
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError(
-                f"Nesterov momentum requires a momentum > 0 and zero dampening "
-                f"(got momentum={group['momentum']!r}, dampening={group['dampening']!r})"
-            )
 
     def wd_divisor(self, o: Any) -> float:
         return float(1 - o.momentum)
