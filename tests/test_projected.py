@@ -383,3 +383,18 @@ def test_any_inner_projected_step_is_tangent_plus_reduced_decay(name: str) -> No
         # the inner's own decay is radial: with it, the unwrapped step would have shrunk w further
         assert pa[0].norm() < pb[0].norm()
         assert torch.equal(pa[-1], pb[-1])  # the bias: never projected
+
+
+def test_compare_accepts_wrapped_optimizers() -> None:
+    from torch_adamp import cli
+    from torch_adamp.experiments import compare
+
+    assert compare.OPTIMIZERS == ("sgd", "sgdp", "adamw", "adamp")  # the default set is unchanged
+    assert cli._optimizer_list("adafactor, adafactor+p,radam+P") == ["adafactor", "adafactor+p", "radam+p"]
+    with pytest.raises(Exception, match="lion"):
+        cli._optimizer_list("lion+p")
+    model, cfg = compare.make_model(4), compare.Config()
+    for name, cls in (("adafactor", torch.optim.Adafactor), ("radam", torch.optim.RAdam), ("nadam", torch.optim.NAdam)):
+        plain, wrapped = compare.make_optimizer(name, model, cfg), compare.make_optimizer(f"{name}+p", model, cfg)
+        assert type(plain) is cls and isinstance(wrapped, Projected) and type(wrapped.inner) is cls
+        assert compare.LABELS[f"{name}+p"].endswith("+P")
