@@ -398,3 +398,27 @@ def test_compare_accepts_wrapped_optimizers() -> None:
         plain, wrapped = compare.make_optimizer(name, model, cfg), compare.make_optimizer(f"{name}+p", model, cfg)
         assert type(plain) is cls and isinstance(wrapped, Projected) and type(wrapped.inner) is cls
         assert compare.LABELS[f"{name}+p"].endswith("+P")
+
+
+def test_grad_scaler_unscales_and_skips_like_the_inner_optimizer() -> None:
+    pa, pb = _params(), _params()
+    a = Projected(torch.optim.AdamW(pa, lr=0.05, weight_decay=0.1))
+    b = Projected(torch.optim.AdamW(pb, lr=0.05, weight_decay=0.1))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for step in range(2):
+        grads = _grads(pa, step)
+        _set_grads(pa, grads)
+        scale = scaler.scale(torch.ones(()))  # what scaler.scale(loss) does before backward
+        for q, g in zip(pb, grads, strict=True):
+            q.grad = g * scale
+        a.step()
+        scaler.step(b)  # unscales b's gradients through the shared param_groups, then steps
+        scaler.update()
+        for p, q in zip(pa, pb, strict=True):
+            assert _rel(q, p) <= 1e-6
+    before = [q.detach().clone() for q in pb]
+    scaler.scale(torch.ones(()))
+    for q in pb:
+        q.grad = torch.full_like(q, float("inf"))
+    scaler.step(b)  # an inf gradient: the step is skipped
+    assert all(torch.equal(q, w) for q, w in zip(pb, before, strict=True))
