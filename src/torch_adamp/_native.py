@@ -105,7 +105,8 @@ def _cpu_id() -> str:
 
 def _compiler_version(cc: str) -> str:
     try:
-        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=min(30, COMPILE_TIMEOUT)).stdout
+        limit = min(30.0, COMPILE_TIMEOUT)
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=limit).stdout
     except (OSError, subprocess.SubprocessError):
         return ""
 
