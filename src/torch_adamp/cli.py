@@ -116,9 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="AdamP and SGDP (Heo et al., ICLR 2021): the paper's toy problems, a small "
         "Fashion-MNIST comparison with torch.optim, and a step-time benchmark.",
     )
-    parser.add_argument(
-        "--version", action="version", version=f"torch-adamp {__version__} (torch {torch.__version__})"
-    )
+    parser.add_argument("--version", action="version", version=f"torch-adamp {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", metavar="{toy,compare,bench}", parser_class=_Parser)
 
     p = sub.add_parser(
