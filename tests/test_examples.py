@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -97,6 +99,14 @@ def test_compile_step_fused_cpu() -> None:
     out = ex.main(["--fused", "--device", "cpu", "--steps", "3", "--batch-size", "4", "--image-size", "8"])
     assert math.isfinite(out["loss"])
     assert out["max_diff"] < 1e-5
+
+
+def test_timm_model_help_without_timm() -> None:
+    # --help is parsed before timm is imported; without timm (or torchvision) the script says so in one line
+    script = str(EXAMPLES / "timm_model.py")
+    p = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.startswith("usage: timm_model.py"), p.stderr
+    assert "tadamp" in p.stdout
 
 
 def test_timm_model() -> None:
