@@ -53,7 +53,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=128)
     parser.add_argument("--output-dir", default=None, help="default: a temporary folder (nothing is saved)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (default: 1, as torch-adamp's CLI: more threads are slower on small models)",
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     config = LlamaConfig(

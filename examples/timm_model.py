@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: 1, as the CLI)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (default: 1, as torch-adamp's CLI: more threads are slower on small models)",
+    )
     args = parser.parse_args(argv)
     try:
         import timm  # after parsing, so that --help works without timm

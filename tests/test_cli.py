@@ -141,7 +141,7 @@ def test_compare_writes_its_files(tmp_path, capsys) -> None:
         assert label in captured.out
     assert "shipped" in captured.out
     assert "SGDP seed 0" in captured.err  # the progress bar
-    for name in ["accuracy.png", "weight_norm.png", "effective_step.png", "compare.png"]:
+    for name in ["accuracy.png", "weight_norm.png", "effective_step.png", "effective_step_ratio.png", "compare.png"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     results = json.loads((out / "results.json").read_text())
     assert results["threads"] == 1 and results["config"]["threads"] == 1

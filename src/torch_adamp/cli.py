@@ -148,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trains a conv-BN-ReLU CNN (no conv bias, so the conv weights are scale-invariant) on "
         "Fashion-MNIST with each optimizer and seed; prints test accuracy, the final norm of the conv weights "
         "and the mean effective step size lr/|w|^2 (mean +- std over seeds); writes results.json, "
-        "accuracy.png, weight_norm.png, effective_step.png and compare.png. Baselines are torch.optim.SGD "
-        "(nesterov) and torch.optim.AdamW; SGDP and AdamP get the same hyperparameters. Data: the 14x14 "
+        "accuracy.png, weight_norm.png, effective_step.png, effective_step_ratio.png and compare.png. "
+        "Baselines are torch.optim.SGD (nesterov) and torch.optim.AdamW; SGDP and AdamP get the same "
+        "hyperparameters. Results are written after every finished run (Ctrl-C keeps them). Data: the 14x14 "
         "subset shipped with the package, or the full set (--data-dir, $" + fashion_mnist.ENV_VAR + ", or "
         "Debian's dataset-fashion-mnist); never downloads.",
     )
