@@ -222,13 +222,16 @@ def _step_relative(ax: Any, results: dict[str, Any]) -> None:
     ax.set_ylim(0, None)
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
 def _what(results: dict[str, Any]) -> str:
     cfg = results["config"]
     seeds = len({r["seed"] for r in results["runs"]})
-    plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"
     return (
-        f"{cfg['image_size']}x{cfg['image_size']}, {cfg['train_size']} images, {plural(cfg['epochs'], 'epoch')}, "
-        f"{plural(seeds, 'seed')}"
+        f"{cfg['image_size']}x{cfg['image_size']}, {cfg['train_size']} images, {_plural(cfg['epochs'], 'epoch')}, "
+        f"{_plural(seeds, 'seed')}"
     )
 
 
