@@ -214,6 +214,15 @@ def test_completed_compare_results_are_marked_complete(tmp_path, capsys) -> None
     assert results["complete"] is True and results["runs_planned"] == len(results["runs"]) == 1
 
 
+def test_plot_titles_count_epochs_and_seeds() -> None:
+    from torch_adamp.experiments import plots
+
+    cfg = {"image_size": 8, "train_size": 200, "epochs": 1}
+    assert plots._what({"config": cfg, "runs": [{"seed": 0}]}) == "8x8, 200 images, 1 epoch, 1 seed"
+    cfg["epochs"] = 2
+    assert plots._what({"config": cfg, "runs": [{"seed": 0}, {"seed": 1}]}) == "8x8, 200 images, 2 epochs, 2 seeds"
+
+
 class _Stream(io.StringIO):
     def __init__(self, tty: bool) -> None:
         super().__init__()

@@ -81,6 +81,7 @@ class _Lines:
             if self.pending:
                 self._write()
             self.desc = desc
+            self.postfix = ""  # the previous run's
             self._write()
 
     def set_postfix(self, *args: Any, refresh: bool = True, **kwargs: Any) -> None:
