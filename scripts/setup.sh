@@ -7,8 +7,8 @@
 # Needs only Python >= 3.10 with its venv module (Debian/Ubuntu: apt-get install python3-venv).
 # The venv is ./.venv unless $TORCH_ADAMP_VENV names another folder; an existing one is reused.
 # torch is pinned (TORCH_VERSION below) and taken as the CPU build, the standard way:
-#   * a plain `pip install torch==X` first, when the indexes pip sees already offer a CPU build
-#     (a wheel kept on disk, a mirror, or PyPI on macOS/Windows) -- nothing else is contacted;
+#   * a plain `pip install torch==X` when the indexes pip sees offer a CPU build (a +cpu wheel on
+#     disk or on a mirror, or PyPI on macOS/Windows): no other host is contacted;
 #   * otherwise (PyPI on Linux offers only the ~3 GB CUDA build) from PyTorch's CPU index,
 #     `pip install torch==X --index-url https://download.pytorch.org/whl/cpu`;
 #   * $TORCH_INDEX_URL, when set, is used as that index instead (e.g. .../whl/cu128 for a GPU build).
@@ -49,16 +49,26 @@ else
 fi
 pip=("$venv/bin/python" -m pip)
 
+# Does a plain pin find a CPU build? On Linux, PyPI's torch is the CUDA build; a CPU build there carries
+# the local version label +cpu (a wheel on disk, a mirror). Elsewhere PyPI's torch is the CPU build.
+# `pip index versions` reads only the indexes' listings (it downloads no wheel).
+cpu_build_visible() {
+  [ "$(uname -s)" != Linux ] && return 0
+  local listing
+  listing=$("${pip[@]}" index versions torch 2>/dev/null) || return 0  # no listing: keep the plain pin
+  [[ "$listing" == *"$TORCH_VERSION+cpu"* ]]
+}
 if [ -n "${TORCH_INDEX_URL:-}" ]; then
   say "torch $TORCH_VERSION from $TORCH_INDEX_URL"
   "${pip[@]}" install -q "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX_URL"
-elif "${pip[@]}" install -q --dry-run --report - "torch==$TORCH_VERSION" | grep -q '"name": "nvidia-'; then
-  # the build pip would take needs the nvidia-* CUDA libraries: take the CPU build from PyTorch's index
-  say "torch $TORCH_VERSION: the indexes here offer only the CUDA build; taking the CPU build from $CPU_INDEX"
-  "${pip[@]}" install -q "torch==$TORCH_VERSION" --index-url "$CPU_INDEX"
-else
+elif "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+  say "torch $TORCH_VERSION already installed"
+elif cpu_build_visible; then
   say "torch $TORCH_VERSION"
   "${pip[@]}" install -q "torch==$TORCH_VERSION"
+else
+  say "torch $TORCH_VERSION: pip's indexes here offer only the CUDA build; taking the CPU build from $CPU_INDEX"
+  "${pip[@]}" install -q "torch==$TORCH_VERSION" --index-url "$CPU_INDEX"
 fi
 
 say "torch-adamp (editable) with the extras [$extras]"
