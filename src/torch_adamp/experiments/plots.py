@@ -196,6 +196,9 @@ def _step_ratio(ax: Any, results: dict[str, Any]) -> None:
             x = np.asarray(_runs(results, proj)[0]["curves"]["log_epoch"])
             label = f"{compare.LABELS[proj]} / {compare.LABELS[base]}"
             _band(ax, x, np.asarray(ratios), STYLES.get(proj, ("k", "-"))[0], "-", label)
+    if not _pairs(results):
+        ax.text(0.5, 0.5, "needs a baseline and its projected optimizer\n(e.g. --optimizers adamw,adamp)",
+                ha="center", va="center", transform=ax.transAxes, color="0.4")  # fmt: skip
     ax.axhline(1.0, color="0.6", lw=0.8)
     ax.set(xlabel="epoch", ylabel="ratio of lr / |w|^2 (same seed, same lr)")
     ax.set(title="effective step size: projected over unprojected")
@@ -253,13 +256,15 @@ def compare_plots(results: dict[str, Any], out: Path) -> list[Path]:
         fig = _figure(6, 4.2)
         ax = fig.subplots()
         panel(ax, results)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         fig.suptitle(f"Fashion-MNIST BN-CNN ({what})", fontsize=9)
         paths.append(_save(fig, out / f"{key}.png"))
     fig = _figure(16, 4.8)
     for ax, panel in zip(fig.subplots(1, 3), (_accuracy, _norm, _step_ratio), strict=True):
         panel(ax, results)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(
         f"SGD vs SGDP and AdamW vs AdamP on Fashion-MNIST ({what}); mean over seeds, band min..max\n"
         "the projection keeps the norm of the scale-invariant conv weights down, so their effective step size "
