@@ -32,6 +32,7 @@ LAYERS = {
     "interop": 6,
     "__init__": 7,
     "experiments": 8,
+    "integrations": 8,
     "cli": 9,
 }
 

@@ -156,3 +156,27 @@ def test_integer_step_counters_are_normalised(path: str) -> None:
 
 def test_torch_adamp_exports_still_work() -> None:
     assert torch_adamp.SGDP is SGDP
+
+
+# -- 10: one huge or non-finite gradient element stays one element, on every path --------------------
+@pytest.mark.parametrize("big", [1e20, 1e38, float("inf"), float("nan")], ids=["1e20", "1e38", "inf", "nan"])
+@pytest.mark.parametrize("kind", list(MAKERS))
+def test_a_huge_gradient_element_is_contained_as_on_the_per_tensor_path(kind: str, big: float) -> None:
+    """A row whose squared norm overflows float32 fails the test (its cosine would read 0, and projecting
+    would spread the element over the row, then NaN over the tensor): not projected, like the per-tensor
+    path, whose cosine does not overflow; torch.optim.SGD stays finite too."""
+    counts = {}
+    for path in [*PATHS, "default"]:
+        gen = torch.Generator().manual_seed(1)
+        p = torch.nn.Parameter(torch.randn(8, 16, generator=gen))
+        kw = path_kwargs(path) if path != "default" else {}
+        opt = SGDP([p], lr=0.1, momentum=0.9, **kw) if kind == "sgdp" else AdamP([p], lr=0.1, **kw)
+        for step in range(3):
+            g = torch.randn(8, 16, generator=gen)
+            if step == 0:
+                g[2, 3] = big
+            p.grad = g
+            opt.step()
+        counts[path] = int((~torch.isfinite(p)).sum())
+    expected = 0 if abs(big) < float("inf") else 1  # inf and NaN (abs(nan) < inf is False): that element only
+    assert counts == dict.fromkeys(counts, expected), counts

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -36,6 +37,9 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -101,40 +105,138 @@ def _cpu_id() -> str:
 
 def _compiler_version(cc: str) -> str:
     try:
-        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        limit = min(30.0, COMPILE_TIMEOUT)
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=limit).stdout
     except (OSError, subprocess.SubprocessError):
         return ""
 
 
+#: seconds one compiler run may take (a build takes 3-5 s; a hung compiler must not hold the first step)
+COMPILE_TIMEOUT = float(os.environ.get("TORCH_ADAMP_NATIVE_TIMEOUT", "120"))
+#: the file, in the cache directory, that records the SHA-256 of every object built there
+INDEX = "index.json"
+
+
+class UnsafeCacheError(OSError):
+    """The cache directory or a file in it could be written by someone else: not used."""
+
+
+def _check_private(path: Path, what: str) -> None:
+    """Like ssh with its keys: ``path`` must belong to this user and be writable by nobody else."""
+    st = path.lstat()
+    if path.is_symlink():
+        raise UnsafeCacheError(f"{what} {path} is a symbolic link")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise UnsafeCacheError(f"{what} {path} belongs to uid {st.st_uid}, not to this user ({os.getuid()})")
+    if st.st_mode & 0o022:
+        raise UnsafeCacheError(f"{what} {path} is writable by group or others (mode {st.st_mode & 0o777:o})")
+
+
+def _private_dir(path: Path) -> Path:
+    """Create ``path`` (mode 0700) if needed; raise :class:`UnsafeCacheError` if it is not private."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private(path, "cache directory")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read_index(directory: Path) -> dict[str, str]:
+    index = directory / INDEX
+    if not index.exists():
+        return {}
+    _check_private(index, "cache index")
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def _write_index(directory: Path, entries: dict[str, str]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".index-", suffix=".json")  # mode 0600
+    with os.fdopen(fd, "w") as f:
+        json.dump(entries, f, indent=1, sort_keys=True)
+    os.replace(tmp, directory / INDEX)
+
+
+def _verified(target: Path, index: dict[str, str]) -> bool:
+    """Whether ``target`` is a private file whose bytes are those recorded when it was built here."""
+    if not target.exists():
+        return False
+    _check_private(target, "cached kernel")
+    recorded = index.get(target.name)
+    return recorded is not None and _sha256(target) == recorded
+
+
+@contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """One process builds while the others (ranks starting together) wait, then find the object built."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): concurrent builders race harmlessly thanks to the atomic rename
+        yield
+        return
+    fd = os.open(directory / ".build.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def build(directory: Path | None = None, force: bool = False) -> tuple[Path, float]:
-    """Compile the kernels (or find them in the cache); returns ``(path, seconds spent compiling)``."""
+    """Compile the kernels, or find them in the cache; returns ``(path, seconds spent compiling)``.
+
+    The cache directory must be private (created 0700; one that belongs to another user or is writable by
+    group or others raises :class:`UnsafeCacheError`). A cached object is used only if it is private and
+    its SHA-256 is the one recorded in the directory's index when it was built; otherwise (missing,
+    truncated, corrupt, planted) it is rebuilt. Builds write a temporary file and rename it into place,
+    under a lock, so that concurrent first builds never load a partial file and compile once.
+    """
     src = source()
+    out_dir = _private_dir(directory if directory is not None else cache_dir())
     errors = []
-    for cc in _compilers():
-        version = _compiler_version(cc)
-        for extra in FLAG_SETS:
-            flags = (*BASE_FLAGS, *extra)
-            parts = (src, cc, version, *flags, *extra_flags(), _cpu_id(), sys.platform)
-            key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
-            out_dir = directory if directory is not None else cache_dir()
-            target = out_dir / f"torch_adamp_kernels_{key[:20]}.so"
-            if target.exists() and not force:
-                return target, 0.0
-            out_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-                so_tmp = Path(tmp) / target.name
-                start = time.perf_counter()
-                res = subprocess.run(
-                    [cc, *flags, *extra_flags(), str(SOURCE_DIR / "kernels.c"), "-o", str(so_tmp), "-lm"],
-                    capture_output=True,
-                    text=True,
-                    timeout=600,
-                )
-                seconds = time.perf_counter() - start
-                if res.returncode == 0:
-                    os.replace(so_tmp, target)  # atomic: concurrent builders race harmlessly
+    with _build_lock(out_dir):
+        index = _read_index(out_dir)
+        for cc in _compilers():
+            version = _compiler_version(cc)
+            for extra in FLAG_SETS:
+                flags = (*BASE_FLAGS, *extra)
+                parts = (src, cc, version, *flags, *extra_flags(), _cpu_id(), sys.platform)
+                key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+                target = out_dir / f"torch_adamp_kernels_{key[:20]}.so"
+                if not force and _verified(target, index):
+                    return target, 0.0
+                fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".build-", suffix=".so")
+                os.close(fd)
+                so_tmp = Path(tmp_name)
+                try:
+                    start = time.perf_counter()
+                    try:
+                        res = subprocess.run(
+                            [cc, *flags, *extra_flags(), str(SOURCE_DIR / "kernels.c"), "-o", str(so_tmp), "-lm"],
+                            capture_output=True,
+                            text=True,
+                            timeout=COMPILE_TIMEOUT,
+                        )
+                    except subprocess.TimeoutExpired:
+                        errors.append(f"{cc} {' '.join(extra)}: no result after {COMPILE_TIMEOUT:.0f} s")
+                        continue
+                    seconds = time.perf_counter() - start
+                    if res.returncode != 0:
+                        errors.append(f"{cc} {' '.join(extra)}: {res.stderr.strip()[-300:]}")
+                        continue
+                    os.chmod(so_tmp, 0o700)
+                    index[target.name] = _sha256(so_tmp)
+                    os.replace(so_tmp, target)  # atomic: a reader sees the old file or the whole new one
+                    _write_index(out_dir, index)
                     return target, seconds
-                errors.append(f"{cc} {' '.join(extra)}: {res.stderr.strip()[-300:]}")
+                finally:
+                    so_tmp.unlink(missing_ok=True)
     raise RuntimeError("could not compile the torch_adamp CPU kernels: " + ("; ".join(errors) or "no C compiler found"))
 
 
@@ -215,12 +317,26 @@ def load() -> ctypes.CDLL | None:
         try:
             try:
                 path, build_seconds = build()
-            except OSError:  # unwritable cache directory: build in a private temporary one
+            except OSError as exc:  # an unsafe or unwritable cache directory: build in a private temporary one
+                if isinstance(exc, UnsafeCacheError):
+                    warnings.warn(
+                        f"torch_adamp: not using the kernel cache ({exc}); building in a private temporary "
+                        "directory instead (set TORCH_ADAMP_CACHE_DIR to a directory only you can write)",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
                 path, build_seconds = build(Path(tempfile.mkdtemp(prefix="torch_adamp_")))
             lib = ctypes.CDLL(str(path))
             _bind(lib)
         except Exception as exc:  # no compiler, failed build, unloadable object
             failure = f"{type(exc).__name__}: {exc}"
+            warnings.warn(
+                f"torch_adamp: the native CPU kernels are unavailable ({failure}); the CPU default step falls "
+                "back to the multi-tensor path, several times slower. Install a C compiler (gcc or clang), "
+                "or set TORCH_ADAMP_NATIVE=0 to choose that path and silence this warning.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return None
         library_path = path
         _lib = lib

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from . import __version__
 from .experiments import compare, fashion_mnist, toy
 from .experiments.progress import MissingDependency, progress_bar, require
 
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="AdamP and SGDP (Heo et al., ICLR 2021): the paper's toy problems, a small "
         "Fashion-MNIST comparison with torch.optim, and a step-time benchmark.",
     )
+    parser.add_argument("--version", action="version", version=f"torch-adamp {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", metavar="{toy,compare,bench}", parser_class=_Parser)
 
     p = sub.add_parser(
@@ -146,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trains a conv-BN-ReLU CNN (no conv bias, so the conv weights are scale-invariant) on "
         "Fashion-MNIST with each optimizer and seed; prints test accuracy, the final norm of the conv weights "
         "and the mean effective step size lr/|w|^2 (mean +- std over seeds); writes results.json, "
-        "accuracy.png, weight_norm.png, effective_step.png and compare.png. Baselines are torch.optim.SGD "
-        "(nesterov) and torch.optim.AdamW; SGDP and AdamP get the same hyperparameters. Data: the 14x14 "
+        "accuracy.png, weight_norm.png, effective_step.png, effective_step_ratio.png and compare.png. "
+        "Baselines are torch.optim.SGD (nesterov) and torch.optim.AdamW; SGDP and AdamP get the same "
+        "hyperparameters. Results are written after every finished run (Ctrl-C keeps them). Data: the 14x14 "
         "subset shipped with the package, or the full set (--data-dir, $" + fashion_mnist.ENV_VAR + ", or "
         "Debian's dataset-fashion-mnist); never downloads.",
     )
@@ -211,6 +214,13 @@ def _prepare(args: argparse.Namespace) -> Path:
     return out
 
 
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON in one step (a temporary file renamed), so that ``path`` is never half written."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def run_toy(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     from .experiments import plots
 
@@ -253,13 +263,29 @@ def run_compare(args: argparse.Namespace, log: Callable[[str], None] = print) ->
         threads=args.threads,
     )
     start = time.perf_counter()
+    path = out / "results.json"
+    kept: dict[str, Any] = {}
+
+    def write(partial: dict[str, Any]) -> None:  # after every finished run: Ctrl-C keeps them
+        kept.update(partial)
+        _write_json(path, partial)
+
     try:
-        results = compare.run(cfg, quiet=args.quiet, log=log)
+        results = compare.run(cfg, quiet=args.quiet, log=log, on_run=write)
     except fashion_mnist.DataError as e:
         raise UsageError(str(e)) from None
+    except KeyboardInterrupt:
+        if not kept:
+            log(f"interrupted before the first run finished; nothing written to {path}")
+        else:
+            n, planned = len(kept["runs"]), kept["runs_planned"]
+            finished = ", ".join(f"{compare.LABELS[r['optimizer']]} seed {r['seed']}" for r in kept["runs"])
+            log(f"interrupted: kept the {n} of {planned} runs that finished ({finished}) in {path}")
+            log(compare.format_table(kept["summary"]))
+        raise
     log("")
     log(compare.format_table(results["summary"]))
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    _write_json(path, results)
     paths = plots.compare_plots(results, out)
     log("")
     log(f"{time.perf_counter() - start:.0f} s; wrote {out / 'results.json'} and " + ", ".join(p.name for p in paths))

@@ -214,7 +214,10 @@ def projection_coefficients(
 
     def channel_fail(rs: Tensor) -> Tensor:
         cos = rs[:, 0].abs() / (rs[:, 2].sqrt().clamp_min(eps) * rs[:, 1].sqrt().clamp_min(eps))
-        return (~(cos < chan_thr[seg])).to(dtype)  # NaN counts as a failure
+        # NaN counts as a failure, and so does a squared norm that overflowed (its cosine would read 0,
+        # and the projection would spread one huge element over the whole row)
+        ok = (cos < chan_thr[seg]) & rs[:, 1].isfinite() & rs[:, 2].isfinite()
+        return (~ok).to(dtype)
 
     split = list(rows_split) if rows_split is not None else [False] * n
     any_split = all_reduce is not None and any(split)
@@ -241,7 +244,7 @@ def projection_coefficients(
     if mode == "auto":
         channel = totals[:, 0] == 0
         cos_l = totals[:, 1].abs() / (totals[:, 3].sqrt().clamp_min(eps) * totals[:, 2].sqrt().clamp_min(eps))
-        layer = cos_l < layer_thr
+        layer = (cos_l < layer_thr) & totals[:, 2].isfinite() & totals[:, 3].isfinite()
     else:
         channel = torch.full((n,), mode == "channel", device=device)
         layer = torch.full((n,), mode == "layer", device=device)

@@ -46,10 +46,12 @@ INL void FN(row_stats)(const T* restrict p, const T* restrict g, int64_t C, T sg
 
 /* The scale-invariance decision (VIEW_NONE, VIEW_CHANNEL or VIEW_LAYER) from the row sums
    stats[4r+0..2] = <w,g>, ||w||^2, ||g||^2 of each row; tot[0..2] receive their totals. */
-/* whether one row (or the whole tensor: the totals) passes: |cos(w, g)| < thr; NaN fails */
+/* whether one row (or the whole tensor: the totals) passes: |cos(w, g)| < thr; NaN and overflow fail */
 INL int FN(passes)(const T* st, T eps, T thr) {
     T cos = FABS(st[0]) / (FMAX(SQRT(st[2]), eps) * FMAX(SQRT(st[1]), eps));
-    return cos < thr;
+    /* a squared norm that overflowed fails too: its cosine would read 0, and the projection would spread
+       one huge element over the whole row (the per-tensor path's cosine does not overflow) */
+    return cos < thr && isfinite(st[1]) && isfinite(st[2]);
 }
 static int FN(decide_from)(const T* stats, int64_t R, int64_t C, T eps, double delta, int mode, T* tot) {
     T chan_thr = (T)(delta / sqrt((double)C)), layer_thr = (T)(delta / sqrt((double)(R * C)));

@@ -128,7 +128,8 @@ class Workspace:
       of parameters handed to the kernel (a list not seen at the last steps starts without guesses);
     * the spare block of that sweep (a ``uint8`` tensor the size of the largest tensor stepped under a
       guess, reused between steps, freed with the optimizer or by :meth:`release`);
-    * how many speculative sweeps guessed right and wrong (``spec_right``, ``spec_wrong``).
+    * how many speculative sweeps guessed right and wrong (``spec_right``, ``spec_wrong``);
+    * the compile back end's compiled steps (``compiled``), one per group signature.
 
     Only speed depends on it: results are the same bits with or without a workspace.
     """
@@ -137,6 +138,8 @@ class Workspace:
 
     def __init__(self) -> None:
         self.guesses: dict[tuple[int, ...], Tensor] = {}
+        #: the compile back end's compiled steps, one per rule and tensor signature (see ``_compiled_fn``)
+        self.compiled: dict[Any, Callable[..., Any]] = {}
         self.spare: Tensor | None = None
         self.spec_right = 0
         self.spec_wrong = 0
@@ -345,18 +348,34 @@ def _native_step(
 
 # -- compile back end -------------------------------------------------------------------------------
 
-_compiled: dict[str, Callable[..., Any]] = {}
+#: compiled steps of callers without a workspace (the functional API), by rule and tensor signature
+_compiled: dict[Any, Callable[..., Any]] = {}
 #: the ``backend`` argument of that ``torch.compile`` (tests swap in a counting backend)
 COMPILE_BACKEND: Any = "inductor"
 
 
-def _compiled_fn(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``torch.compile`` of the multi-tensor path for one rule, created once (dynamo caches one graph per model)."""
+def _trampoline(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A new function that calls ``fn``: a code object of its own, so that dynamo's per-code cache, and its
+    recompile limit, belong to one group of one optimizer instead of every group of the process."""
+    namespace: dict[str, Any] = {}
+    exec("def step(*args, **kwargs):\n    return fn(*args, **kwargs)\n", {"fn": fn}, namespace)
+    return namespace["step"]  # type: ignore[no-any-return]
+
+
+def _compiled_fn(rule: Rule, params: Sequence[Tensor], workspace: "Workspace | None") -> Callable[..., Any]:
+    """``torch.compile`` of the multi-tensor path for one group: one compiled function per rule and tensor
+    signature (shapes, dtypes, devices), kept by the optimizer's workspace (else by this module), each
+    compiled once and reused for every later step and learning rate."""
     if torch.compiler.is_compiling():
-        return fn  # inside an outer torch.compile: trace into the caller's graph
-    if name not in _compiled:
-        _compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False, backend=COMPILE_BACKEND)
-    return _compiled[name]
+        return paths.multi_tensor  # inside an outer torch.compile: trace into the caller's graph
+    cache = workspace.compiled if workspace is not None else _compiled
+    key = (rule.name, tuple((tuple(p.shape), p.dtype, p.device) for p in params))
+    fn = cache.get(key)
+    if fn is None:
+        fn = cache[key] = torch.compile(
+            _trampoline(paths.multi_tensor), fullgraph=True, dynamic=False, backend=COMPILE_BACKEND
+        )
+    return fn
 
 
 def _tensor_lr(lr: float | Tensor) -> Tensor:
@@ -413,7 +432,7 @@ def fused_step(
             paths.multi_tensor(rule, *sub, o, group_views)
         else:
             o_t = dataclasses.replace(o, lr=_tensor_lr(o.lr))
-            _compiled_fn(rule.name, paths.multi_tensor)(rule, *sub, o_t, group_views)
+            _compiled_fn(rule, sub[0], workspace)(rule, *sub, o_t, group_views)
         tail.scatter_views(views, where, group_views)
 
 
