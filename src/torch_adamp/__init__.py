@@ -4,13 +4,18 @@ Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
 Scale-invariant Weights", ICLR 2021 (arXiv 2006.08217).
 """
 
+from . import functional
 from .adamp import AdamP
 from .diagnostics import find_scale_invariant, param_groups
 from .distributed import FlatParameterError
-from .functional import adamp, sgdp
 from .interop import to_reference_state_dict
 from .projection import project_single, projection_coefficients
 from .sgdp import SGDP
+
+# importing the submodules adamp/sgdp (by interop, above) binds their names on the package: the functional
+# API is what torch_adamp.adamp and torch_adamp.sgdp name, as torch.optim.adam.adam does
+adamp = functional.adamp
+sgdp = functional.sgdp
 
 __version__ = "0.1.0"
 
