@@ -58,7 +58,12 @@ class Normalised(nn.Module):
 
 
 def pgd_linf(
-    model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, step_size: float | None = None,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    steps: int,
+    step_size: float | None = None,
     gen: torch.Generator | None = None,
 ) -> Tensor:
     """l-inf PGD: uniform random start in the eps-ball, ``steps`` steps ``x += a sign(grad CE)``, each

@@ -28,8 +28,16 @@ from .common import Experiment, Metric, conv_weight_names, index_batches
 #: Biased MNIST's ten background colours (RGB in [0, 1]), one per class
 COLOURS = np.array(
     [
-        [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 1.0],
-        [0.0, 1.0, 1.0], [1.0, 0.5, 0.0], [0.5, 0.0, 1.0], [0.0, 0.5, 0.25], [0.5, 0.5, 0.5],
+        [1.0, 0.0, 0.0],
+        [0.0, 1.0, 0.0],
+        [0.0, 0.0, 1.0],
+        [1.0, 1.0, 0.0],
+        [1.0, 0.0, 1.0],
+        [0.0, 1.0, 1.0],
+        [1.0, 0.5, 0.0],
+        [0.5, 0.0, 1.0],
+        [0.0, 0.5, 0.25],
+        [0.5, 0.5, 0.5],
     ],
     dtype=np.float32,
 )
@@ -45,7 +53,7 @@ class Config:
     epochs: int = 3
     batch_size: int = 128
     width: int = 16
-    rho: float = 0.99
+    rho: float = 0.8
     train_size: int = 10000
     test_size: int = 5000
     data_seed: int = 0
@@ -130,7 +138,9 @@ def experiment(cfg: Config) -> Experiment:
 
     def acc(model: nn.Module, x: Tensor) -> float:
         with torch.no_grad():
-            right = sum(int((model(x[i : i + 1000]).argmax(1) == yte[i : i + 1000]).sum()) for i in range(0, len(yte), 1000))
+            right = sum(
+                int((model(x[i : i + 1000]).argmax(1) == yte[i : i + 1000]).sum()) for i in range(0, len(yte), 1000)
+            )
         return 100.0 * right / len(yte)
 
     def evaluate(model: nn.Module) -> dict[str, float]:
@@ -153,4 +163,3 @@ def experiment(cfg: Config) -> Experiment:
         data_note=f"Fashion-MNIST 14x14 ({sets.source}) on coloured backgrounds: {len(ytr)} training images with "
         f"colour = label's colour w.p. {cfg.rho:g}, {len(yte)} test images with uniform colours",
     )
-

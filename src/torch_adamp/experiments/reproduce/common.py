@@ -102,13 +102,13 @@ def train_one(exp: Experiment, name: str, seed: int, on_step: Callable[[float], 
     names = exp.tracked(model)
     watched = exp.watched(model) if exp.watched is not None else []
     named = exp.param_groups(model) if exp.param_groups is not None else model.named_parameters()
-    opt = build_optimizer(
-        name, named, lr=exp.lr, weight_decay=exp.weight_decay, momentum=exp.momentum, betas=exp.betas
-    )
+    opt = build_optimizer(name, named, lr=exp.lr, weight_decay=exp.weight_decay, momentum=exp.momentum, betas=exp.betas)
     total = exp.epochs * exp.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
     log_every = max(1, total // 100)
-    eval_at = {round(exp.steps_per_epoch * k / exp.evals_per_epoch) for k in range(1, exp.evals_per_epoch * exp.epochs + 1)}
+    eval_at = {
+        round(exp.steps_per_epoch * k / exp.evals_per_epoch) for k in range(1, exp.evals_per_epoch * exp.epochs + 1)
+    }
     first = _evaluate(exp, model)
     curves: dict[str, list[float]] = {"eval_epoch": [0.0], **{k: [v] for k, v in first.items()}}
     curves.update(log_epoch=[], loss=[], weight_norm=[], effective_step=[])
@@ -142,9 +142,7 @@ def train_one(exp: Experiment, name: str, seed: int, on_step: Callable[[float], 
             if on_step is not None:
                 on_step(value)
     by_weight = (
-        {n: statistics.fmean(p[i] for p in projected) for i, n in enumerate([*names, *watched])}
-        if projected
-        else None
+        {n: statistics.fmean(p[i] for p in projected) for i, n in enumerate([*names, *watched])} if projected else None
     )
     return RunResult(
         optimizer=name,
@@ -159,16 +157,28 @@ def train_one(exp: Experiment, name: str, seed: int, on_step: Callable[[float], 
     )
 
 
+#: two-sided 95% critical values of Student's t by degrees of freedom (1.96 beyond the table)
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 15: 2.13, 20: 2.09}
+
+
+def t95(df: int) -> float:
+    """Two-sided 95% critical value of Student's t with ``df`` degrees of freedom (conservative between
+    tabulated values)."""
+    if df < 1:
+        raise ValueError(f"t95: need at least 1 degree of freedom, got {df}")
+    return next((T95[k] for k in sorted(T95) if k >= df), 1.96) if df not in T95 else T95[df]
+
+
 def paired_gain(base: Sequence[float], proj: Sequence[float], higher_is_better: bool) -> dict[str, Any]:
     """Projected minus baseline per seed (sign flipped when lower is better, so > 0 is a gain): mean, std,
-    standard error, and the verdict: "gain" / "loss" when the mean is more than two standard errors from 0,
-    else "within noise" (a single seed gets no verdict)."""
+    standard error and the verdict of a two-sided paired t-test at 5%: "gain" or "loss" when
+    ``|mean| > t95(n - 1) * stderr``, else "within noise" (a single seed: "one seed")."""
     d = [(p - b) * (1 if higher_is_better else -1) for b, p in zip(base, proj, strict=True)]
     m, sd = mean_std(d)
     se = sd / math.sqrt(len(d)) if len(d) > 1 else math.nan
     if len(d) < 2:
         verdict = "one seed"
-    elif abs(m) > 2 * se:
+    elif abs(m) > t95(len(d) - 1) * se:
         verdict = "gain" if m > 0 else "loss"
     else:
         verdict = "within noise"
@@ -226,8 +236,10 @@ def run(
 ) -> dict[str, Any]:
     """Train every optimizer of ``exp`` with every seed; return results.json's content."""
     jobs = [(s, name) for s in seeds for name in exp.optimizers]
-    log(f"{exp.title}: {exp.data_note}; {exp.epochs} epoch(s), seeds {seeds[0]}..{seeds[-1]}, "
-        f"{torch.get_num_threads()} thread(s)")
+    log(
+        f"{exp.title}: {exp.data_note}; {exp.epochs} epoch(s), seeds {seeds[0]}..{seeds[-1]}, "
+        f"{torch.get_num_threads()} thread(s)"
+    )
     runs: list[RunResult] = []
     start = time.perf_counter()
     with progress_bar(total=len(jobs) * exp.epochs * exp.steps_per_epoch, unit="step", quiet=quiet) as bar:
@@ -277,7 +289,7 @@ def plot(results: dict[str, Any], out: Path) -> Path:
         ("weight_norm", "log_epoch", "norm of the tracked weights", "linear"),
         ("effective_step", "log_epoch", "lr / |w|^2 (mean over tracked weights)", "log"),
     ]
-    ncol = min(4, len(panels))
+    ncol = 3 if len(panels) in (5, 6) else min(4, len(panels))
     nrow = math.ceil(len(panels) / ncol)
     fig = Figure(figsize=(4.2 * ncol, 3.4 * nrow + 0.4), layout="constrained")
     axes = fig.subplots(nrow, ncol, squeeze=False).ravel()

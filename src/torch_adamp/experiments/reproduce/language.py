@@ -136,7 +136,9 @@ def experiment(cfg: Config) -> Experiment:
             for i in range(0, len(valid_windows), 64):
                 w = valid_windows[i : i + 64]
                 logits = model(w[:, :-1])
-                total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum"))
+                total += float(
+                    F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum")
+                )
         return {"perplexity": float(torch.tensor(total / valid_windows[:, 1:].numel()).exp())}
 
     wn = "with" if cfg.weight_norm else "without"
