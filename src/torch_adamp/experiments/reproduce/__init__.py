@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..training import LABELS, PROJECTED
-from . import adversarial, bias, classification, common, language, retrieval
+from . import adversarial, audio, bias, classification, common, language, retrieval
 
 
 @dataclass(frozen=True)
