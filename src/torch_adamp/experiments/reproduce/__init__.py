@@ -81,6 +81,13 @@ TASKS: dict[str, Task] = {
         Task(
             "language-plain", "the same LM without weight norm", 3, language.PAPER, _build(language, weight_norm=False)
         ),
+        Task(
+            "audio",
+            "keyword spotting on espeak-ng speech, log-mel BN-CNN; test accuracy",
+            3,
+            audio.PAPER,
+            _build(audio),
+        ),
     )
 }
 
@@ -102,13 +109,11 @@ def run_task(
     start = time.perf_counter()
     if task.build is None:
         res = classification.run(epochs, seed_list, quiet=quiet, log=log, out=out)
-        exp_metrics = classification.METRICS
-        table = format_summary(res, exp_metrics)
+        table = format_summary(res, classification.METRICS)
     else:
         exp = task.build(epochs)
         res = common.run(exp, seed_list, quiet=quiet, log=log)
         common.plot(res, out)
-        exp_metrics = exp.metrics
         table = common.format_table(exp, res["summary"])
     res["paper"] = task.paper
     res["wall_seconds"] = time.perf_counter() - start
@@ -149,14 +154,16 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
         for proj, gains in res["summary"]["gains"].items():
             base = PROJECTED[proj]
             b, p = per[base], per[proj]
+            paper = res["paper"]["gain"]
             for i, m in enumerate(res["metrics"]):
                 g = gains[m["key"]]
                 f = m["fmt"]
                 share = "" if p["projected_fraction"] is None else f"{100 * p['projected_fraction']:.0f}%"
                 lines.append(
-                    f"| {name} | {m['label']} | {LABELS[base]} {b[m['key']][0]:{f}} ± {b[m['key']][1]:{f}} | "
+                    f"| {name} | {m['label']} | "
+                    f"{LABELS[base]} {b[m['key']][0]:{f}} ± {b[m['key']][1]:{f}} | "
                     f"{LABELS[proj]} {p[m['key']][0]:{f}} ± {p[m['key']][1]:{f}} | "
-                    f"{g['mean']:+{f}} ± {g['stderr']:{f}} | {g['verdict']} | {res['paper']['gain'] if i == 0 else '—'} | "
+                    f"{g['mean']:+{f}} ± {g['stderr']:{f}} | {g['verdict']} | {paper if i == 0 else '—'} | "
                     f"{b['weight_norm'][0]:.2f} → {p['weight_norm'][0]:.2f} | "
                     f"{b['effective_step'][0]:.2e} → {p['effective_step'][0]:.2e} | "
                     f"{share} | {len(b['seeds'])} | {res['wall_seconds']:.0f} |"

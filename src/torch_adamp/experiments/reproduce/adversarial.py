@@ -68,7 +68,8 @@ def pgd_linf(
 ) -> Tensor:
     """l-inf PGD: uniform random start in the eps-ball, ``steps`` steps ``x += a sign(grad CE)``, each
     followed by projection onto ``|x' - x|_inf <= eps`` and ``[0, 1]``; ``a = 2.5 eps / steps`` by default.
-    Only the input's gradient is computed; the parameters' ``.grad`` are untouched."""
+    Only the input's gradient is computed (also under ``torch.no_grad()``); the parameters' ``.grad``
+    are untouched."""
     if eps < 0 or steps < 0:
         raise ValueError(f"pgd_linf: eps and steps must be >= 0, got {eps} and {steps}")
     a = 2.5 * eps / max(steps, 1) if step_size is None else step_size
@@ -76,7 +77,8 @@ def pgd_linf(
     adv = (x + eps * noise).clamp(0, 1)
     for _ in range(steps):
         adv.requires_grad_(True)
-        (grad,) = torch.autograd.grad(F.cross_entropy(model(adv), y), adv)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(F.cross_entropy(model(adv), y), adv)
         adv = adv.detach() + a * grad.sign()
         adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(0, 1)
     return adv.detach()

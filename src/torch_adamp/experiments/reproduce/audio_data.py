@@ -99,11 +99,12 @@ def place(x: np.ndarray, clip: Clip) -> np.ndarray:
     loud = np.flatnonzero(np.abs(x) >= 0.01 * np.abs(x).max())
     x = x[loud[0] : loud[-1] + 1][:RATE]
     out = np.zeros(RATE)
-    start = int(round(clip.offset * (RATE - len(x))))
+    start = round(clip.offset * (RATE - len(x)))
     out[start : start + len(x)] = x
     power = float(np.mean(x**2))
     noise = np.random.default_rng(clip.noise_seed).standard_normal(RATE)
-    return out + noise * np.sqrt(power / 10 ** (clip.snr_db / 10))
+    noisy: np.ndarray = out + noise * np.sqrt(power / 10 ** (clip.snr_db / 10))
+    return noisy
 
 
 def mel_filters() -> np.ndarray:

@@ -18,11 +18,12 @@ PAPER = {
 METRICS = (Metric("test_accuracy", "test acc (%)"),)
 
 
-def run(epochs: int | None, seeds: list[int], *, quiet: bool, log: Any, out: Path) -> dict[str, Any]:
-    """``compare`` with its defaults (``epochs`` and ``seeds`` aside); results in the ``reproduce`` layout."""
+def run(epochs: int | None, seeds: list[int], *, quiet: bool, log: Any, out: Path, **overrides: Any) -> dict[str, Any]:
+    """``compare`` with its defaults (``epochs``, ``seeds`` and any ``compare.Config`` field in
+    ``overrides`` aside); results in the ``reproduce`` layout, PNGs from ``plots.compare_plots``."""
     from .. import plots
 
-    cfg = compare.Config(seeds=len(seeds), first_seed=seeds[0])
+    cfg = compare.Config(seeds=len(seeds), first_seed=seeds[0], **overrides)
     if epochs is not None:
         cfg.epochs = epochs
     res = compare.run(cfg, quiet=quiet, log=log)
