@@ -36,7 +36,7 @@ class Config:
     epochs: int = 3
     batch_size: int = 128
     width: int = 16
-    train_size: int = 10000
+    train_size: int = 8000
     test_size: int = 1000
     eps: float = 0.1
     train_steps: int = 3

@@ -299,20 +299,14 @@ def plot(results: dict[str, Any], out: Path) -> Path:
             color, ls = STYLES[name]
             x = np.asarray(runs[0]["curves"][xkey])
             ys = np.asarray([r["curves"][key] for r in runs])
-            if key != "effective_step" and key in ("loss",):
-                ys = np.maximum(ys, 1e-12)
+            if xkey == "eval_epoch" and len(x) > 1:  # leave out the untrained model so that the differences show
+                x, ys = x[1:], ys[:, 1:]
             ax.plot(x, ys.mean(0), color=color, ls=ls, label=LABELS[name])
             if len(runs) > 1:
                 ax.fill_between(x, ys.min(0), ys.max(0), color=color, alpha=0.15, lw=0)
         if key == "effective_step":  # the cosine schedule ends at lr ~ 0: keep the scale on the rest
             top = ax.get_ylim()[1]
             ax.set_ylim(max(ax.get_ylim()[0], top * 1e-3), top)
-        if xkey == "eval_epoch":  # leave out the untrained model so that the differences show
-            later = [v for r in results["runs"] for v in r["curves"][key][1:]]
-            if later:
-                lo, hi = min(later), max(later)
-                pad = 0.05 * (hi - lo or 1.0)
-                ax.set_ylim(lo - pad, hi + pad)
         ax.set(xlabel="epoch", ylabel=label, yscale=scale)
         ax.legend(fontsize=8)
     for ax in axes[len(panels) :]:

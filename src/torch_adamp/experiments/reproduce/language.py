@@ -157,7 +157,7 @@ def experiment(cfg: Config) -> Experiment:
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         epochs=cfg.epochs,
-        evals_per_epoch=2,
+        evals_per_epoch=4,
         data_note=f"KJV Genesis ({len(train)} characters) for training, {cfg.eval_windows} windows of "
         f"{cfg.context} characters of Exodus for validation; vocabulary {len(vocab)}; {cfg.layers} layers, "
         f"width {cfg.dim}, {wn} weight norm",
