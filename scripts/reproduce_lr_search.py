@@ -34,7 +34,7 @@ if __name__ == "__main__":
     parser.add_argument("out")
     parser.add_argument("tasks", nargs="*", default=list(TASKS))
     parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LRS))
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     torch.set_num_threads(1)
     names = args.tasks
     out: dict[str, dict[str, dict[str, float]]] = {}

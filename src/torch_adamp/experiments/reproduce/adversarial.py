@@ -41,7 +41,7 @@ class Config:
     eps: float = 0.1
     train_steps: int = 3
     eval_steps: int = 10
-    lr: float = 3e-3
+    lr: float = 3e-2  # from scripts/reproduce_lr_search.py (docs/reproduction.md)
     weight_decay: float = 0.1
 
 

@@ -37,7 +37,7 @@ class Config:
     epochs: int = 8
     batch_size: int = 64
     width: int = 16
-    lr: float = 3e-3
+    lr: float = 1e-2  # from scripts/reproduce_lr_search.py (docs/reproduction.md)
     weight_decay: float = 0.1
     train_size: int | None = None  # None: all 1,500 clips; else the first n (for tests)
     test_size: int | None = None

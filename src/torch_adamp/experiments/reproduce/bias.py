@@ -57,7 +57,7 @@ class Config:
     train_size: int = 10000
     test_size: int = 5000
     data_seed: int = 0
-    lr: float = 3e-3
+    lr: float = 1e-2  # from scripts/reproduce_lr_search.py (docs/reproduction.md)
     weight_decay: float = 0.1
 
 

@@ -50,7 +50,7 @@ class Config:
     layers: int = 2
     heads: int = 4
     eval_windows: int = 256
-    lr: float = 3e-3
+    lr: float = 3e-2  # from scripts/reproduce_lr_search.py (docs/reproduction.md)
     weight_decay: float = 0.1
 
 

@@ -46,7 +46,7 @@ class Config:
     train_classes: tuple[int, ...] = (0, 1, 2, 3, 4)
     alpha: float = 32.0
     margin: float = 0.1
-    lr: float = 3e-3
+    lr: float = 3e-3  # from scripts/reproduce_lr_search.py (docs/reproduction.md)
     weight_decay: float = 0.1
     train_size: int = 20000  # from the subset; only the training classes are used
     test_size: int = 5000  # likewise, only the unseen classes
