@@ -143,7 +143,7 @@ def experiment(cfg: Config) -> Experiment:
 
     wn = "with" if cfg.weight_norm else "without"
     return Experiment(
-        name="language_wn" if cfg.weight_norm else "language",
+        name="language" if cfg.weight_norm else "language-plain",
         title=f"Language modelling {wn} weight norm: char Transformer on the KJV",
         optimizers=("adamw", "adamp"),
         metrics=(Metric("perplexity", "valid ppl/char", higher_is_better=False, fmt=".3f"),),
