@@ -1,6 +1,6 @@
 """Log the optimizer's statistics (weight norms, effective step sizes, projections) to TensorBoard and CSV.
 
-    python examples/log_stats.py --csv stats.csv --logdir runs/adamp            # AdamP, views found on the model
+    python examples/log_stats.py --csv stats.csv --logdir runs/adamp           # AdamP, views found on the model, ~20 s
     python examples/log_stats.py --csv off.csv --logdir runs/off --projection off  # same, never projected (AdamW)
     tensorboard --logdir runs
 
@@ -62,7 +62,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--csv", default=None, help="CSV file to write (one row per logged step)")
     parser.add_argument("--logdir", default=None, help="TensorBoard log directory")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (default: 1, as torch-adamp's CLI: more threads are slower on small models)",
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     model = make_model(args.width)

@@ -5,7 +5,7 @@ Everything here is deterministic on CPU (fixed seeds, fixed batches), small
 minutes on two cores.
 
 * :data:`PATHS` / :func:`path_kwargs`: the one list of implementation paths.
-  ``"fused"`` is skipped cleanly while ``torch_adamp._fused`` cannot be imported.
+  ``"fused"`` is skipped cleanly while ``torch_adamp.engine.fused`` cannot be imported.
 * :data:`ARCHITECTURES` / :func:`make_model`: tiny models covering the shapes
   the projection must handle (conv + BN, linear + LN, plain MLP, grouped /
   depthwise conv, Conv1d / Conv3d, Embedding, weight standardisation and
@@ -64,7 +64,7 @@ VIEW_CODES = {"none": NONE, "channel": CHANNEL, "layer": LAYER}
 def path_kwargs(path: str) -> dict[str, bool]:
     """Constructor options of ``path``; skips the calling test if the fused path is not importable yet."""
     if path == "fused":
-        pytest.importorskip("torch_adamp._fused", reason="fused path (torch_adamp._fused) not available")
+        pytest.importorskip("torch_adamp.engine.fused", reason="fused path (torch_adamp.engine.fused) not available")
     return dict(PATHS[path])
 
 

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import runpy
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from torch_adamp import benchmark, projection
+from torch_adamp import projection
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+
+
+def _load() -> Any:
+    spec = importlib.util.spec_from_file_location("step_time", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["step_time"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+benchmark = _load()
 
 
 def test_parameter_sets_have_the_real_shapes() -> None:
@@ -46,7 +62,7 @@ def test_bytes_moved_lower_bound() -> None:
 
 
 def test_tiny_run_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["--quick", "--sets", "resnet50", "--scale", "32", "--repeats", "2", "--warmup", "1"]
+    args = ["--quick", "--sets", "resnet50", "--scale", "32", "--repeats", "2", "--warmup", "1", "--no-targets"]
     assert benchmark.main(args) == 0
     out = capsys.readouterr().out
     for needle in (
@@ -73,7 +89,7 @@ def test_tiny_run_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_paths_and_families_can_be_selected(capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--quick", "--sets", "small", "--scale", "32", "--families", "sgd", "--paths", "torch,foreach"]
-    assert benchmark.main([*args, "--no-memory"]) == 0
+    assert benchmark.main([*args, "--no-memory", "--no-targets"]) == 0
     out = capsys.readouterr().out
     assert "SGDP(momentum=0.9, foreach=True)" in out
     assert "AdamP(" not in out and "SGDP(momentum=0.9, fused=True)" not in out and "adamp.SGDP" not in out
@@ -81,11 +97,26 @@ def test_paths_and_families_can_be_selected(capsys: pytest.CaptureFixture[str]) 
         benchmark.main(["--paths", "nonsense"])
 
 
-def test_script_wrapper(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+def test_script_exit_status_says_whether_the_targets_were_met(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--quick", "--sets", "small", "--scale", "32", "--families", "adam", "--paths", "torch,fused"]
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *args, "--no-memory"])
+    module = runpy.run_path(str(SCRIPT), run_name="not_main")
+    monkeypatch.setitem(module["main"].__globals__, "TARGETS", (("adam", "fused", "fused", 1e9),))
+    assert module["main"]([*args, "--no-memory"]) == 0
+    assert "(<= 1000000000.0: met)" in capsys.readouterr().out
+    monkeypatch.setitem(module["main"].__globals__, "TARGETS", (("adam", "fused", "fused", 0.0),))
+    assert module["main"]([*args, "--no-memory"]) == 1  # a target not met: exit status 1
+    assert "NOT met" in capsys.readouterr().out
+    assert module["main"]([*args, "--no-memory", "--no-targets"]) == 0
+    assert module["main"]([*args, "--no-memory"], check_targets=False) == 0  # torch-adamp bench: no verdict
+
+
+def test_script_runs_as_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--quick", "--sets", "small", "--scale", "32", "--families", "adam", "--paths", "fused"]
-    monkeypatch.setattr(sys, "argv", [str(script), *args, "--no-memory"])
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *args, "--no-memory", "--no-targets"])
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(script), run_name="__main__")
+        runpy.run_path(str(SCRIPT), run_name="__main__")
     assert exit_info.value.code == 0
     assert "AdamP(fused=True)" in capsys.readouterr().out

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
 
-import torch_adamp
 from torch_adamp import cli
-from torch_adamp.experiments import fashion_mnist
+from torch_adamp.experiments import compare, fashion_mnist
+from torch_adamp.experiments.progress import progress_bar
 
 TINY_COMPARE = [
     "compare",
@@ -139,7 +139,7 @@ def test_compare_writes_its_files(tmp_path, capsys) -> None:
         assert label in captured.out
     assert "shipped" in captured.out
     assert "SGDP seed 0" in captured.err  # the progress bar
-    for name in ["accuracy.png", "weight_norm.png", "effective_step.png", "compare.png"]:
+    for name in ["accuracy.png", "weight_norm.png", "effective_step.png", "effective_step_ratio.png", "compare.png"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     results = json.loads((out / "results.json").read_text())
     assert results["threads"] == 1 and results["config"]["threads"] == 1
@@ -159,20 +159,147 @@ def test_compare_quiet_threads_and_optimizer_list(tmp_path, capsys) -> None:
     assert list(results["summary"]) == ["adamw", "adamp"]
 
 
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"torch-adamp {torch_adamp.__version__} (torch {torch.__version__})"
+
+
+def _interrupt_after(monkeypatch, finished: int) -> list[tuple[str, int]]:
+    """Make the compare run raise KeyboardInterrupt (as Ctrl-C does) in the run after ``finished`` runs."""
+    calls: list[tuple[str, int]] = []
+    real = compare.train_one
+
+    def train_one(name, seed, *args, **kwargs):
+        calls.append((name, seed))
+        if len(calls) > finished:
+            raise KeyboardInterrupt
+        return real(name, seed, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "train_one", train_one)
+    return calls
+
+
+def test_interrupted_compare_keeps_the_finished_runs(monkeypatch, tmp_path, capsys) -> None:
+    calls = _interrupt_after(monkeypatch, 2)
+    out = tmp_path / "cmp"
+    assert cli.main([*TINY_COMPARE, "--seeds=2", "--quiet", "--out", str(out)]) == 130
+    captured = capsys.readouterr()
+    assert len(calls) == 3
+    assert "kept the 2 of 8 runs that finished (SGD seed 0, SGDP seed 0)" in captured.out
+    assert "interrupted" in captured.err
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is False and results["runs_planned"] == 8
+    assert [(r["optimizer"], r["seed"]) for r in results["runs"]] == [("sgd", 0), ("sgdp", 0)]
+    assert list(results["summary"]) == ["sgd", "sgdp"]
+    assert results["summary"]["sgdp"]["test_accuracy_mean"] == results["runs"][1]["test_accuracy"]
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]  # no half-written file, no plots
+
+
+def test_compare_interrupted_before_any_run_writes_nothing(monkeypatch, tmp_path, capsys) -> None:
+    _interrupt_after(monkeypatch, 0)
+    out = tmp_path / "cmp"
+    assert cli.main([*TINY_COMPARE, "--quiet", "--out", str(out)]) == 130
+    assert "nothing written" in capsys.readouterr().out
+    assert list(out.iterdir()) == []
+
+
+def test_completed_compare_results_are_marked_complete(tmp_path, capsys) -> None:
+    out = tmp_path / "cmp"
+    assert cli.main([*TINY_COMPARE, "--quiet", "--optimizers", "sgdp", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is True and results["runs_planned"] == len(results["runs"]) == 1
+
+
+def test_plot_titles_count_epochs_and_seeds() -> None:
+    from torch_adamp.experiments import plots
+
+    cfg = {"image_size": 8, "train_size": 200, "epochs": 1}
+    assert plots._what({"config": cfg, "runs": [{"seed": 0}]}) == "8x8, 200 images, 1 epoch, 1 seed"
+    cfg["epochs"] = 2
+    assert plots._what({"config": cfg, "runs": [{"seed": 0}, {"seed": 1}]}) == "8x8, 200 images, 2 epochs, 2 seeds"
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_progress_is_plain_lines_off_a_terminal() -> None:
+    stream = _Stream(tty=False)
+    with progress_bar(total=6, unit="step", file=stream, interval=0.0) as bar:
+        for desc in ["A", "B"]:
+            bar.set_description(desc)
+            for _ in range(3):
+                bar.update(1)
+                bar.set_postfix(loss="0.5", refresh=False)
+    text = stream.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    lines = text.splitlines()
+    assert lines[0] == "A: 0/6 step (0%), 0 s"
+    assert lines[-1] == "B: 6/6 step (100%), 0 s, loss=0.5"
+    assert len(lines) == 8  # a line per description and per update (interval 0)
+
+
+def test_progress_lines_are_rate_limited() -> None:
+    stream = _Stream(tty=False)
+    with progress_bar(total=10_000, unit="step", file=stream, desc="run") as bar:  # interval 10 s
+        for _ in range(9_999):
+            bar.update(1)
+    assert stream.getvalue().splitlines() == ["run: 9999/10000 step (100%), 0 s"]  # the final state only
+
+
+def test_progress_is_a_tqdm_bar_on_a_terminal() -> None:
+    stream = _Stream(tty=True)
+    with progress_bar(total=3, unit="step", file=stream, desc="run") as bar:
+        bar.update(3)
+    assert type(bar).__module__.startswith("tqdm")
+    assert "\r" in stream.getvalue()
+
+
+def test_compare_progress_in_a_log_file(tmp_path) -> None:
+    # stderr redirected to a file, as `torch-adamp compare 2> log` does: lines, no carriage-return frames
+    log = tmp_path / "log"
+    code = "import sys; from torch_adamp.cli import main; sys.exit(main())"
+    with log.open("w") as err:
+        p = subprocess.run([sys.executable, "-c", code, *TINY_COMPARE, "--out", str(tmp_path / "o")],
+                           stdout=subprocess.DEVNULL, stderr=err, timeout=300)  # fmt: skip
+    assert p.returncode == 0
+    text = log.read_text()
+    assert "\r" not in text
+    assert "SGD seed 0: 0/40 step (0%)" in text and "AdamP seed 0: " in text
+    assert text.splitlines()[-1].startswith("AdamP seed 0: 40/40 step (100%)")
+
+
 # -- bench ---------------------------------------------------------------------------------
-def test_bench_without_the_benchmark_module(monkeypatch, capsys) -> None:
-    monkeypatch.delattr(torch_adamp, "benchmark", raising=False)
-    monkeypatch.setitem(sys.modules, "torch_adamp.benchmark", None)
-    assert cli.main(["bench", "--steps", "3"]) == 2
-    assert "torch_adamp.benchmark" in _one_error_line(capsys.readouterr().err)
+def test_bench_outside_a_clone_says_where_the_benchmark_is(monkeypatch, capsys, tmp_path) -> None:
+    monkeypatch.setattr(cli, "benchmark_script", lambda: tmp_path / "missing.py")
+    assert cli.main(["bench", "--repeats", "3"]) == 2
+    assert "benchmarks/step_time.py" in _one_error_line(capsys.readouterr().err)
 
 
-def test_bench_forwards_its_arguments(monkeypatch) -> None:
-    seen: list[list[str]] = []
-    fake = types.ModuleType("torch_adamp.benchmark")
-    fake.main = lambda argv: seen.append(argv) or 0  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "torch_adamp.benchmark", fake)
-    monkeypatch.setattr(torch_adamp, "benchmark", fake, raising=False)
+def test_bench_forwards_its_arguments_without_targets(monkeypatch, tmp_path) -> None:
+    script = tmp_path / "step_time.py"
+    log = tmp_path / "calls.txt"
+    script.write_text(
+        "def main(argv, prog, check_targets):\n"
+        f"    open({str(log)!r}, 'a').write(repr((argv, prog, check_targets)) + chr(10))\n"
+        "    return 0\n"
+    )
+    monkeypatch.setattr(cli, "benchmark_script", lambda: script)
     assert cli.main(["bench", "--help"]) == 0
-    assert cli.main(["bench", "--steps", "3", "--foreach"]) == 0
-    assert seen == [["--help"], ["--steps", "3", "--foreach"]]
+    assert cli.main(["bench", "--repeats", "3", "--quick"]) == 0
+    calls = log.read_text().splitlines()
+    assert calls == [
+        repr((["--help"], "torch-adamp bench", False)),
+        repr((["--repeats", "3", "--quick"], "torch-adamp bench", False)),
+    ]
+
+
+def test_bench_runs_the_repository_script() -> None:
+    assert cli.benchmark_script().is_file()  # tests run from a clone

@@ -22,7 +22,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import torch_adamp
-from torch_adamp import _fused
+from torch_adamp.engine import fused as _fused
 
 #: constructor options of each path; "fused-compile" forces the torch.compile back end of fused=True
 PATHS: dict[str, dict[str, Any]] = {

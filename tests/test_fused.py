@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 import torch_adamp
-from torch_adamp import _fused, _native
+from torch_adamp import _native
+from torch_adamp.engine import fused as _fused
 
 pytestmark = pytest.mark.skipif(not _fused.native_available(), reason=f"native kernels unavailable: {_native.failure}")
 
@@ -270,9 +271,9 @@ def _spec_grads(params: list[Tensor], step: int, gen: torch.Generator) -> list[T
 
 def _spec_run(
     kind: str, options: dict[str, Any], stage_bytes: int, threads: int, dtype: torch.dtype = torch.float32
-) -> tuple[list[Tensor], list[Any]]:
-    """Params, optimizer state and views of every step with AdamP/SGDP(fused) at the given threshold."""
-    _native.forget()
+) -> tuple[list[Tensor], list[Any], Any]:
+    """Params, optimizer state and views of every step with AdamP/SGDP(fused) at the given threshold,
+    and the optimizer's workspace (speculation counts, spare block)."""
     old_stage, old_threads = _fused.STAGE_BYTES, torch.get_num_threads()
     _fused.STAGE_BYTES = stage_bytes
     torch.set_num_threads(threads)
@@ -292,7 +293,7 @@ def _spec_run(
             opt.step()
             views.append([opt.stats()[f"group0.param{i}/view"] for i in range(len(params))])
         state = [t for p in params for t in opt.state[p].values() if isinstance(t, Tensor) and t.dim() > 0]
-        return [p.detach() for p in params] + state, views
+        return [p.detach() for p in params] + state, views, opt._workspace
     finally:
         _fused.STAGE_BYTES = old_stage
         torch.set_num_threads(old_threads)
@@ -324,10 +325,9 @@ def test_speculative_sweep_is_exact_whatever_the_guess(
     (AdamP: the staged one; same row sums, u and update arithmetic), whatever the guess, thread count or
     NaN. (Bitwise also at the steps without a guess, which take AdamP's two-pass scheme, with GCC as in
     CI; a compiler that vectorises that scheme's sums in another order would agree to rounding there.)"""
-    right, wrong = _native.speculation_counts()
     speculative = _spec_run(kind, options, stage_bytes=0, threads=threads, dtype=dtype)
-    right, wrong = (a - b for a, b in zip(_native.speculation_counts(), (right, wrong), strict=True))
-    spare = _native.spare_bytes()
+    workspace = speculative[2]
+    right, wrong, spare = workspace.spec_right, workspace.spec_wrong, workspace.spare_bytes
     plain = _spec_run(kind, options, stage_bytes=1 << 30, threads=threads, dtype=dtype)
     assert speculative[1] == plain[1]
     assert len(speculative[0]) == len(plain[0]) >= 10  # parameters and their state
@@ -340,45 +340,76 @@ def test_speculative_sweep_is_exact_whatever_the_guess(
     else:  # both outcomes occurred (30 tensors x steps: every schedule transition, many times)
         assert right > 5 and wrong > 5, (right, wrong)
         assert spare >= 300 * 130 * dtype.itemsize  # kept for the next step: fresh pages would fault every step
-    _native.forget()
-    assert _native.spare_bytes() == 0
+    assert plain[2].spec_right == plain[2].spec_wrong == 0
+    workspace.release()
+    assert workspace.spare_bytes == 0 and not workspace.guesses
 
 
 def test_no_speculation_above_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tensors above ``_fused.SPECULATE_MAX_BYTES`` take two passes: no copy kept between steps."""
     monkeypatch.setattr(_fused, "STAGE_BYTES", 0)
     monkeypatch.setattr(_fused, "SPECULATE_MAX_BYTES", 40 * 64 * 4 - 1)
-    _native.forget()
-    before = _native.speculation_counts()
     for make in (lambda ps: torch_adamp.AdamP(ps, fused=True), lambda ps: torch_adamp.SGDP(ps, lr=0.1, fused=True)):
         p = torch.nn.Parameter(torch.randn(40, 64))
         opt = make([p])
         for _ in range(3):
             p.grad = torch.randn(40, 64)
             opt.step()
-    assert _native.speculation_counts() == before and _native.spare_bytes() == 0
+        ws = opt._workspace
+        assert (ws.spec_right, ws.spec_wrong, ws.spare_bytes) == (0, 0, 0)
     monkeypatch.setattr(_fused, "SPECULATE_MAX_BYTES", 40 * 64 * 4)  # at the cap: speculated
     p = torch.nn.Parameter(torch.randn(40, 64))
     opt = torch_adamp.AdamP([p], fused=True)
     for _ in range(3):
         p.grad = p.detach() + 0.1 * torch.randn(40, 64)  # along w: the "none" view every step
         opt.step()
-    assert _native.speculation_counts() == (before[0] + 2, before[1])  # steps 2 and 3, guessed right
-    assert _native.spare_bytes() == 40 * 64 * 4
-    _native.forget()
+    ws = opt._workspace
+    assert (ws.spec_right, ws.spec_wrong) == (2, 0)  # steps 2 and 3, guessed right
+    assert ws.spare_bytes == 40 * 64 * 4
+
+
+def test_speculation_state_belongs_to_the_optimizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guesses and the spare block live in the optimizer's workspace: two optimizers over the same tensors
+    share nothing, the spare block is a torch tensor freed with its optimizer, checkpoints do not hold
+    them, and results are the same bits with or without them (the functional API has none)."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(_fused, "STAGE_BYTES", 0)
+    gen = torch.Generator().manual_seed(5)
+    w0 = torch.randn(40, 64, generator=gen)
+    grads = [w0 + 0.1 * torch.randn(40, 64, generator=gen) for _ in range(4)]  # the "none" view every step
+    p, q = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    a, b = torch_adamp.AdamP([p], fused=True), torch_adamp.AdamP([q], fused=True)
+    m, v, s = torch.zeros(40, 64), torch.zeros(40, 64), torch.zeros(())
+    f = torch.nn.Parameter(w0.clone())
+    for k, g in enumerate(grads):
+        p.grad = g.clone()
+        a.step()
+        if k >= 2:  # b starts later: nothing of a's guesses may reach it
+            q.grad = g.clone()
+            b.step()
+        torch_adamp.adamp([f], [g.clone()], [m], [v], [s], fused=True, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                          weight_decay=0, delta=0.1, wd_ratio=0.1, nesterov=False)  # fmt: skip
+    assert (a._workspace.spec_right, b._workspace.spec_right) == (3, 1)
+    torch.testing.assert_close(p.detach(), f.detach(), rtol=0, atol=0)  # speculated == never speculated
+    assert "spare" not in str(a.state_dict()) and isinstance(a._workspace.spare, Tensor)
+    spare = weakref.ref(a._workspace.spare)
+    del a
+    gc.collect()
+    assert spare() is None
 
 
 def test_no_speculation_for_half_precision(monkeypatch: pytest.MonkeyPatch) -> None:
-    """bf16/fp16 parameters step through fresh float32 copies: their addresses mean nothing across steps."""
+    """bf16/fp16 parameters step through fresh float32 copies: no spare block of their size is kept."""
     monkeypatch.setattr(_fused, "STAGE_BYTES", 0)
-    _native.forget()
-    before = _native.speculation_counts()
     p = torch.nn.Parameter(torch.randn(40, 64).bfloat16())
     opt = torch_adamp.AdamP([p], fused=True)
     for _ in range(3):
         p.grad = (p.detach().float() + 0.1 * torch.randn(40, 64)).bfloat16()
         opt.step()
-    assert _native.speculation_counts() == before and _native.spare_bytes() == 0
+    ws = opt._workspace
+    assert (ws.spec_right, ws.spec_wrong, ws.spare_bytes) == (0, 0, 0)
 
 
 def test_default_path_is_fused_on_cpu_and_foreach_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -463,6 +494,40 @@ def test_compile_backend_compiles_once_per_model(compile_backend: Any) -> None:
         if step == 0:
             frames = compile_backend.frame_count
     assert compile_backend.frame_count == frames
+
+
+def test_compile_backend_scales_to_many_groups_and_optimizers(compile_backend: Any) -> None:
+    """50 differently shaped param groups (layer-wise lr decay, as timm and HF recipes build them) and a
+    second optimizer in the same process: each group compiles once, under a recompile limit of its own
+    (one process-wide function failed at the 9th group); later steps and new learning rates compile nothing."""
+    import time
+
+    def groups(seed: int, n: int) -> list[dict[str, Any]]:
+        gen = torch.Generator().manual_seed(seed)
+        return [
+            {"params": [torch.nn.Parameter(torch.randn(4 + k, 3 + k % 5, generator=gen))], "lr": 1e-3 * 0.9**k}
+            for k in range(n)
+        ]
+
+    start = time.perf_counter()
+    opts = [
+        torch_adamp.AdamP(groups(0, 50), fused=True, weight_decay=0.1),
+        torch_adamp.SGDP(groups(1, 5), lr=0.1, fused=True),
+    ]
+    for step in range(3):
+        for opt in opts:
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    p.grad = torch.randn_like(p)
+                g["lr"] = g["lr"] * 0.5  # a schedule: data, not a recompilation
+            opt.step()
+        if step == 0:
+            frames = compile_backend.frame_count
+            seconds = time.perf_counter() - start
+    assert frames == 55, frames  # one compile per group of each optimizer (the limit is 8 per code object)
+    assert compile_backend.frame_count == frames
+    print(f"55 groups compiled once each in {seconds:.1f} s (eager backend)")
+    assert len(opts[0]._workspace.compiled) == 50
 
 
 def test_compile_backend_with_inductor() -> None:

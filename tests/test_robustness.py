@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch_adamp
 
 PATHS = {"single": {"foreach": False}, "foreach": {"foreach": True}}
-if importlib.util.find_spec("torch_adamp._fused") is not None:
+if importlib.util.find_spec("torch_adamp.engine.fused") is not None:
     PATHS["fused"] = {"fused": True}
 PATH_IDS = sorted(PATHS)
 

@@ -4,12 +4,13 @@ Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
 Scale-invariant Weights", ICLR 2021 (arXiv 2006.08217).
 """
 
-from ._base import to_reference_state_dict
-from .adamp import AdamP, adamp
+from .adamp import AdamP
 from .diagnostics import find_scale_invariant, param_groups
 from .distributed import FlatParameterError
+from .functional import adamp, sgdp
+from .interop import to_reference_state_dict
 from .projection import project_single, projection_coefficients
-from .sgdp import SGDP, sgdp
+from .sgdp import SGDP
 
 __version__ = "0.1.0"
 

@@ -8,8 +8,8 @@ non-zero exit status (2 for bad options or missing data).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
+import runpy
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -18,10 +18,11 @@ from typing import Any, NoReturn
 
 import torch
 
+from . import __version__
 from .experiments import compare, fashion_mnist, toy
 from .experiments.progress import MissingDependency, progress_bar, require
 
-BENCH_HELP = "step-time benchmark of AdamP/SGDP against torch.optim (arguments go to torch_adamp.benchmark)"
+BENCH_HELP = "step-time benchmark of AdamP/SGDP against torch.optim (runs benchmarks/step_time.py of a clone)"
 
 
 class UsageError(Exception):
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="AdamP and SGDP (Heo et al., ICLR 2021): the paper's toy problems, a small "
         "Fashion-MNIST comparison with torch.optim, and a step-time benchmark.",
     )
+    parser.add_argument("--version", action="version", version=f"torch-adamp {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", metavar="{toy,compare,reproduce,bench}", parser_class=_Parser)
 
     p = sub.add_parser(
@@ -146,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trains a conv-BN-ReLU CNN (no conv bias, so the conv weights are scale-invariant) on "
         "Fashion-MNIST with each optimizer and seed; prints test accuracy, the final norm of the conv weights "
         "and the mean effective step size lr/|w|^2 (mean +- std over seeds); writes results.json, "
-        "accuracy.png, weight_norm.png, effective_step.png and compare.png. Baselines are torch.optim.SGD "
-        "(nesterov) and torch.optim.AdamW; SGDP and AdamP get the same hyperparameters. Data: the 14x14 "
+        "accuracy.png, weight_norm.png, effective_step.png, effective_step_ratio.png and compare.png. "
+        "Baselines are torch.optim.SGD (nesterov) and torch.optim.AdamW; SGDP and AdamP get the same "
+        "hyperparameters. Results are written after every finished run (Ctrl-C keeps them). Data: the 14x14 "
         "subset shipped with the package, or the full set (--data-dir, $" + fashion_mnist.ENV_VAR + ", or "
         "Debian's dataset-fashion-mnist); never downloads.",
     )
@@ -235,6 +238,13 @@ def _prepare(args: argparse.Namespace) -> Path:
     return out
 
 
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON in one step (a temporary file renamed), so that ``path`` is never half written."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def run_toy(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     from .experiments import plots
 
@@ -277,30 +287,51 @@ def run_compare(args: argparse.Namespace, log: Callable[[str], None] = print) ->
         threads=args.threads,
     )
     start = time.perf_counter()
+    path = out / "results.json"
+    kept: dict[str, Any] = {}
+
+    def write(partial: dict[str, Any]) -> None:  # after every finished run: Ctrl-C keeps them
+        kept.update(partial)
+        _write_json(path, partial)
+
     try:
-        results = compare.run(cfg, quiet=args.quiet, log=log)
+        results = compare.run(cfg, quiet=args.quiet, log=log, on_run=write)
     except fashion_mnist.DataError as e:
         raise UsageError(str(e)) from None
+    except KeyboardInterrupt:
+        if not kept:
+            log(f"interrupted before the first run finished; nothing written to {path}")
+        else:
+            n, planned = len(kept["runs"]), kept["runs_planned"]
+            finished = ", ".join(f"{compare.LABELS[r['optimizer']]} seed {r['seed']}" for r in kept["runs"])
+            log(f"interrupted: kept the {n} of {planned} runs that finished ({finished}) in {path}")
+            log(compare.format_table(kept["summary"]))
+        raise
     log("")
     log(compare.format_table(results["summary"]))
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    _write_json(path, results)
     paths = plots.compare_plots(results, out)
     log("")
     log(f"{time.perf_counter() - start:.0f} s; wrote {out / 'results.json'} and " + ", ".join(p.name for p in paths))
     return 0
 
 
+def benchmark_script() -> Path:
+    """``benchmarks/step_time.py`` of the source tree this package runs from (it is not in the wheel)."""
+    return Path(__file__).resolve().parents[2] / "benchmarks" / "step_time.py"
+
+
 def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
-    name = f"{__package__}.benchmark"
-    try:
-        benchmark = importlib.import_module(name)  # imported only here: absent from some installations
-    except ModuleNotFoundError as e:
-        if e.name != name:
-            raise MissingDependency(f"the benchmark needs {e.name}, which is not installed") from None
+    script = benchmark_script()
+    if not script.is_file():
         if any(a in ("-h", "--help") for a in args.args):
             log(f"usage: torch-adamp bench [ARGS ...]\n\n{BENCH_HELP}.")
-        raise UsageError("torch_adamp.benchmark is not available in this installation") from None
-    rc = benchmark.main(list(args.args))
+        raise UsageError(
+            "the step-time benchmark is part of the source repository, not of the installed package: "
+            "clone the repository and run 'python benchmarks/step_time.py' (or torch-adamp bench from the clone)"
+        )
+    namespace = runpy.run_path(str(script), run_name="torch_adamp_bench")
+    rc = namespace["main"](list(args.args), prog="torch-adamp bench", check_targets=False)
     return int(rc or 0)
 
 

@@ -43,7 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _update
+from .engine import precision
+from .projection import projectable_shape
 
 __all__ = ["FlatParameterError", "ShardedStep", "check_flat", "is_dtensor", "localize", "norm_stats", "run_group_steps"]
 
@@ -130,11 +131,11 @@ def _layout(p: Tensor, project: bool, what: Callable[[], str]) -> _Layout:
 
 
 def _projects(p: Tensor, mode: Any) -> bool:
-    return mode is not False and _update.projectable_shape(p.shape)
+    return mode is not False and projectable_shape(p.shape)
 
 
 def _needs_reduction(p: Tensor) -> bool:
-    if not is_dtensor(p) or not _update.projectable_shape(p.shape):
+    if not is_dtensor(p) or not projectable_shape(p.shape):
         return False
     mesh = p.device_mesh  # type: ignore[attr-defined]
     return any(not pl.is_replicate() and mesh.size(d) > 1 for d, pl in enumerate(p.placements))  # type: ignore[attr-defined]
@@ -142,7 +143,7 @@ def _needs_reduction(p: Tensor) -> bool:
 
 # -- the helper the multi-tensor path talks to ------------------------------------------
 class ShardedStep:
-    """The ``dist`` object of :func:`torch_adamp._update.apply_multi` for one group step.
+    """The ``dist`` object of :func:`torch_adamp.engine.tail.apply_multi` for one group step.
 
     It answers for the local tensors handed to the math: their global shapes,
     whether their rows are split, and sums the packed global quantities over
@@ -169,11 +170,11 @@ class ShardedStep:
 
     def _find_bucket(self, tensors: Sequence[Tensor]) -> list[_Layout]:
         # upcast copies: the tensors are, in order, one device/dtype bucket of the local params
-        key = (tensors[0].device, _update.compute_dtype(tensors[0].dtype))
+        key = (tensors[0].device, precision.compute_dtype(tensors[0].dtype))
         bucket = [
             (t, lay)
             for t, lay in zip(self._locals, self._layouts, strict=True)
-            if (t.device, _update.compute_dtype(t.dtype)) == key
+            if (t.device, precision.compute_dtype(t.dtype)) == key
         ]
         if len(bucket) != len(tensors) or any(b[0].shape != t.shape for b, t in zip(bucket, tensors, strict=True)):
             raise RuntimeError(

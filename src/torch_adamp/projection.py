@@ -67,6 +67,11 @@ def projectable(p: Tensor, shape: Sequence[int] | None = None) -> bool:
     return len(shape) > 1 and math.prod(shape) > 0
 
 
+def projectable_shape(shape: Sequence[int]) -> bool:
+    """Whether a tensor of this shape can be projected: ndim >= 2 and no size-0 dimension."""
+    return len(shape) > 1 and all(s > 0 for s in shape)
+
+
 def _row_shape(p: Tensor) -> tuple[int, ...]:
     return (-1,) + (1,) * (p.dim() - 1)
 
@@ -175,7 +180,10 @@ def projection_coefficients(
 
     def channel_fail(rs: Tensor) -> Tensor:
         cos = rs[:, 0].abs() / (rs[:, 2].sqrt().clamp_min(eps) * rs[:, 1].sqrt().clamp_min(eps))
-        return (~(cos < chan_thr[seg])).to(dtype)  # NaN counts as a failure
+        # NaN counts as a failure, and so does a squared norm that overflowed (its cosine would read 0,
+        # and the projection would spread one huge element over the whole row)
+        ok = (cos < chan_thr[seg]) & rs[:, 1].isfinite() & rs[:, 2].isfinite()
+        return (~ok).to(dtype)
 
     split = list(rows_split) if rows_split is not None else [False] * n
     any_split = all_reduce is not None and any(split)
@@ -202,7 +210,7 @@ def projection_coefficients(
     if mode == "auto":
         channel = totals[:, 0] == 0
         cos_l = totals[:, 1].abs() / (totals[:, 3].sqrt().clamp_min(eps) * totals[:, 2].sqrt().clamp_min(eps))
-        layer = cos_l < layer_thr
+        layer = (cos_l < layer_thr) & totals[:, 2].isfinite() & totals[:, 3].isfinite()
     else:
         channel = torch.full((n,), mode == "channel", device=device)
         layer = torch.full((n,), mode == "layer", device=device)

@@ -218,20 +218,47 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: Config, *, quiet: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Load the data, train every optimizer with every seed, return the results (see results.json)."""
+def run(
+    cfg: Config,
+    *,
+    quiet: bool = False,
+    log: Callable[[str], None] = print,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Load the data, train every optimizer with every seed, return the results (see results.json).
+
+    ``on_run``, when given, is called after every finished run with the results so far (the same
+    layout, ``"complete"`` false until the last run, ``"summary"`` over the finished runs), so that a
+    caller can write them as they come: an interrupted comparison keeps its finished runs.
+    """
     data = fashion_mnist.load(
         train_size=cfg.train_size, test_size=cfg.test_size, image_size=cfg.image_size, data_dir=cfg.data_dir
     )
     seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
     jobs = [(seed, name) for seed in seeds for name in cfg.optimizers]
+    epochs = f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}"
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}..{seeds[-1]}"
+    threads = torch.get_num_threads()
     log(
         f"Fashion-MNIST ({data.source}): {len(data.train_y)} training / {len(data.test_y)} test images at "
-        f"{cfg.image_size}x{cfg.image_size}; {cfg.epochs} epoch(s), seeds {seeds[0]}..{seeds[-1]}, "
-        f"{torch.get_num_threads()} thread(s)"
+        f"{cfg.image_size}x{cfg.image_size}; {epochs}, {seed_text}, {threads} thread{'s' if threads != 1 else ''}"
     )
     runs: list[RunResult] = []
     start = time.perf_counter()
+
+    def results() -> dict[str, Any]:
+        done = [n for n in cfg.optimizers if any(r.optimizer == n for r in runs)]
+        return {
+            "config": asdict(cfg),
+            "data_source": data.source,
+            "threads": torch.get_num_threads(),
+            "seconds": time.perf_counter() - start,
+            "complete": len(runs) == len(jobs),
+            "runs_planned": len(jobs),
+            "summary": summarize(runs, done),
+            "runs": [asdict(r) for r in runs],
+        }
+
     with progress_bar(total=len(jobs) * steps_per_run(cfg, len(data.train_y)), unit="step", quiet=quiet) as bar:
         for seed, name in jobs:
             bar.set_description(f"{LABELS[name]} seed {seed}")
@@ -241,12 +268,6 @@ def run(cfg: Config, *, quiet: bool = False, log: Callable[[str], None] = print)
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
             runs.append(train_one(name, seed, data, cfg, on_step))
-    summary = summarize(runs, cfg.optimizers)
-    return {
-        "config": asdict(cfg),
-        "data_source": data.source,
-        "threads": torch.get_num_threads(),
-        "seconds": time.perf_counter() - start,
-        "summary": summary,
-        "runs": [asdict(r) for r in runs],
-    }
+            if on_run is not None:
+                on_run(results())
+    return results()

@@ -1,54 +1,28 @@
-"""Pieces of the step shared by AdamP and SGDP: precision handling and the final update.
+"""The tail every projected step shares: project, decay, step.
 
-The last part of both optimizers is the same transform: with a direction ``u``
-already scaled by the step size, the per-row projection coefficients ``c``
-(see :mod:`torch_adamp.projection`) and a decoupled weight-decay factor ``f``
-(``1 - lr * wd`` or ``1 - lr * wd * wd_ratio`` when projected)::
+With a direction ``u`` (already scaled by the step size ``s`` when that is
+folded in), the per-row projection coefficients ``c`` of
+:func:`torch_adamp.projection.projection_coefficients` and the decoupled
+weight-decay factor ``f`` (``1 - lr wd / D``, or ``1 - lr wd wd_ratio / D``
+when projected; ``D`` is the rule's divisor)::
 
-    w <- f * w - (u - c * w)  =  (f + c) * w - u
+    w <- f * w - s * (u - c * w)
 
-so projection, weight decay and step cost two passes over ``w``.
+The decision behind ``c`` and ``f`` is taken on the device (``torch.where``),
+never with a Python ``if`` on a tensor.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import projection
+from .. import projection
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 Scalar = float | Tensor
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the math runs in: float32 for half types, else the dtype itself."""
-    return torch.float32 if dtype in LOW_PRECISION else dtype
-
-
-def upcast(t: Tensor) -> Tensor:
-    return t.float() if t.dtype in LOW_PRECISION else t
-
-
-def write_back(params: Sequence[Tensor], computed: Sequence[Tensor]) -> None:
-    """Copy float32 results into half-precision parameters (round to nearest)."""
-    for p, c in zip(params, computed, strict=True):
-        if p is not c:
-            p.copy_(c)
-
-
-def group_by_device_and_dtype(indices: Sequence[int], tensors: Sequence[Tensor]) -> dict[Any, list[int]]:
-    groups: dict[Any, list[int]] = defaultdict(list)
-    for i in indices:
-        t = tensors[i]
-        groups[(t.device, compute_dtype(t.dtype))].append(i)
-    return groups
-
-
 Views = list[Tensor | None] | None  # per-parameter view codes (0-d tensors), or None when not recorded
 
 
@@ -64,15 +38,8 @@ def scatter_views(views: Views, idx: Sequence[int], sub: Sequence[Tensor | None]
             views[i] = v
 
 
-def is_compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
 def decay_factors(lr: Scalar, weight_decay: float, wd_ratio: float, divisor: float = 1.0) -> tuple[Scalar, Scalar]:
-    """``(factor if not projected, factor if projected)`` of decoupled weight decay.
-
-    ``divisor`` is ``1 - momentum`` for SGDP, 1 for AdamP (reference semantics).
-    """
+    """``(factor if not projected, factor if projected)`` of decoupled weight decay."""
     return 1 - lr * weight_decay / divisor, 1 - lr * weight_decay * wd_ratio / divisor
 
 
@@ -102,23 +69,21 @@ def apply_multi(
     eps: float,
     mode: projection.ScaleInvariant,
     updates_are_state: bool,
-    views: list[Tensor | None] | None,
+    views: Views,
     dist: Any = None,
 ) -> None:
     """Project, decay and step a list of same-device, same-dtype tensors.
 
-    ``w <- f * w - step_size * proj(u)``, with ``f`` the decoupled weight-decay
-    factor of each tensor, chosen on the device from its projection decision.
-    ``updates`` are projected in place unless ``updates_are_state`` is true and
-    the caller wants the state kept (then a projected copy is made); SGDP's
-    reference semantics pass the momentum buffer with ``updates_are_state=False``
-    so that the buffer itself is projected.
+    ``w <- f * w - step_size * proj(u)``. ``updates`` are projected in place,
+    unless ``updates_are_state`` (they are state that must keep the unprojected
+    values: then a projected copy is made). ``dist`` is the sharding helper of
+    :mod:`torch_adamp.distributed` (global shapes, one packed all_reduce).
     """
     n = len(params)
     if n == 0:
         return
     shapes = dist.global_shapes(params) if dist is not None else [p.shape for p in params]
-    proj_idx = [i for i in range(n) if mode is not False and projectable_shape(shapes[i])]
+    proj_idx = [i for i in range(n) if mode is not False and projection.projectable_shape(shapes[i])]
     f_none, _ = decay_factors(lr, weight_decay, wd_ratio, wd_divisor)
     updates = list(updates)
     if proj_idx:
@@ -156,7 +121,3 @@ def apply_multi(
         torch._foreach_sub_(list(params), torch._foreach_mul(updates, step_size))
     else:
         torch._foreach_add_(list(params), updates, alpha=-step_size)
-
-
-def projectable_shape(shape: Sequence[int]) -> bool:
-    return len(shape) > 1 and all(s > 0 for s in shape)

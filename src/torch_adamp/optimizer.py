@@ -1,22 +1,27 @@
-"""What AdamP and SGDP share as ``torch.optim.Optimizer`` classes.
+"""The ``torch.optim.Optimizer`` class of every projected optimizer.
 
-Argument checks, gathering the parameters that have gradients, the sparse and
-complex refusals, state-dict migration from the reference package, and the
-optional statistics. The math lives in plain functions (``adamp.adamp``,
-``sgdp.sgdp``); classes only hold state.
+A subclass names its rule (:mod:`torch_adamp.rules`) and its defaults; this
+class does the rest: argument checks, the parameters that have gradients, the
+sparse and complex refusals, state initialisation from the rule's state names,
+sharded parameters (:mod:`torch_adamp.distributed`), loading state dicts of
+this class or of the reference package, and the optional statistics. The math
+runs in the engine (:func:`torch_adamp.engine.step`); the class only holds state.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import required
 
-from . import _update, distributed, projection
+from . import distributed, engine, projection
+from .engine import precision
+from .rules import Rule
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
@@ -27,30 +32,51 @@ def _check_nonneg(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number >= 0")
 
 
+#: parameter dtypes the optimizers step (half precision in float32); anything else is refused by name
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+#: group options that must be booleans (a string such as "no" would be truthy)
+BOOL_OPTIONS = ("nesterov", "maximize", "capturable", "track_stats", "fp32_state", "project_momentum")
+
+
 def check_lr(lr: Any) -> None:
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError(f"Invalid lr value: a tensor lr must have one element, got shape {tuple(lr.shape)}")
     _check_nonneg("lr", lr)
 
 
-class ProjectedOptimizer(Optimizer):
-    """Base of :class:`~torch_adamp.AdamP` and :class:`~torch_adamp.SGDP`."""
+def defaults_of(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The group defaults of a subclass ``__init__`` called as ``defaults_of(locals())``: its arguments
+    but ``self`` and ``params``."""
+    return {k: v for k, v in arguments.items() if k not in ("self", "params", "__class__")}
 
-    #: extra per-group checks of the subclass: ``f(group)`` raising ValueError
-    _check_group: Callable[[dict[str, Any]], None]
+
+class ProjectedOptimizer(Optimizer):
+    """Base of :class:`~torch_adamp.AdamP` and :class:`~torch_adamp.SGDP`: an optimizer over one rule."""
+
+    #: the optimizer's rule: its options, state, direction and kernel
+    rule: ClassVar[Rule]
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
-        self._check_common(defaults)
-        self._check_group(defaults)
+        checked = {**defaults, "lr": 0.0} if defaults["lr"] is required else defaults  # then checked per group
+        self._check_common(checked)
+        self.rule.check(checked)
         # created here and mutated in place by step(): torch.compile replays in-place
         # container mutations, and they survive pickling/deepcopy as plain attributes
         self._last_stats = []
         self._stats_copies = {}
+        #: what the native kernels keep between steps (guesses, spare block); never in state_dict()
+        self._workspace = engine.Workspace()
         super().__init__(params, defaults)
 
     # -- argument checks -------------------------------------------------------------
     @staticmethod
     def _check_common(group: dict[str, Any]) -> None:
+        for name in BOOL_OPTIONS:
+            if name in group and not isinstance(group[name], bool):
+                raise ValueError(f"Invalid {name} value: {group[name]!r}; expected True or False")
+        for name in ("foreach", "fused"):
+            if group.get(name) is not None and not isinstance(group[name], bool):
+                raise ValueError(f"Invalid {name} value: {group[name]!r}; expected True, False or None")
         check_lr(group["lr"])
         for name in ("eps", "weight_decay", "delta"):
             _check_nonneg(name, group[name])
@@ -64,8 +90,13 @@ class ProjectedOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **param_group}
+        if merged.get("lr") is required:
+            raise ValueError(
+                f"{type(self).__name__}: a parameter group has no lr, and no default was given; "
+                "pass lr= to the optimizer or set it in every group"
+            )
         self._check_common(merged)
-        self._check_group(merged)
+        self.rule.check(merged)
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         param_group["params"] = params
@@ -77,13 +108,47 @@ class ProjectedOptimizer(Optimizer):
                     f"{what} is complex; {type(self).__name__} does not support complex parameters "
                     "(pass torch.view_as_real(p) as a real parameter instead)"
                 )
+            if isinstance(p, Tensor) and p.dtype not in FLOAT_DTYPES:
+                what = f"parameter {name!r}" if name is not None else self._describe(param_group, i, p)
+                raise ValueError(
+                    f"{what} has dtype {p.dtype}; {type(self).__name__} steps float32, float64, float16 and "
+                    "bfloat16 parameters only"
+                )
         distributed.check_flat(merged, params, lambda i, p: self._describe(param_group, i, p), type(self).__name__)
         super().add_param_group(param_group)
 
     # -- the step ----------------------------------------------------------------------
     def _step_group(self, group: dict[str, Any], params: list[Tensor], views: list[Tensor | None] | None) -> None:
-        """Initialise state and run the functional step of one group (subclasses)."""
-        raise NotImplementedError
+        """Initialise state and run the engine's step of one group."""
+        rule = self.rule
+        names = rule.state_names
+        states = [self.state[p] for p in params]  # one lookup per parameter (Tensor.__hash__ is Python)
+        for p, state in zip(params, states, strict=True):
+            if names[0] not in state:
+                if rule.counts_steps:
+                    state["step"] = self._new_step(p, group)
+                for name in names:
+                    state[name] = self._zeros_state(p, group)
+        if rule.counts_steps:
+            self._normalise_steps(group, states, params)
+        lists = [[s[name] for s in states] for name in names]
+        if rule.counts_steps:
+            lists.append([s["step"] for s in states])
+        dist, local = self._dist(group, params, [p.grad for p in params], *lists)  # DTensors (FSDP2) -> shards
+        k = len(names)
+        engine.step(
+            rule,
+            local[0],
+            local[1],
+            local[2 : 2 + k],
+            local[2 + k] if rule.counts_steps else None,
+            rule.options(group),
+            foreach=group["foreach"],
+            fused=group["fused"],
+            views=views,
+            dist=dist,
+            workspace=self._workspace,
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -158,10 +223,22 @@ class ProjectedOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_last_stats", [])  # not pickled (torch's __getstate__)
         self.__dict__.setdefault("_stats_copies", {})
-        # groups saved by the reference package (or an older version) lack our options
+        self.__dict__.setdefault("_workspace", engine.Workspace())
+        # groups saved by the reference package (or an older version) lack our options; torch's own
+        # additions to ``defaults`` (e.g. "differentiable") are not ours to put into the groups
+        ours = self._option_names()
         for group in self.param_groups:
             for key, value in self.defaults.items():
-                group.setdefault(key, value)
+                if key in ours:
+                    group.setdefault(key, value)
+
+    @classmethod
+    def _option_names(cls) -> set[str]:
+        """The group options of this class: its constructor's arguments (and capturable)."""
+        import inspect
+
+        names = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+        return names | {"capturable"}
 
     # -- state dict: reference-package migration ---------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -171,6 +248,7 @@ class ProjectedOptimizer(Optimizer):
         half-precision parameters stay float32 (torch would cast them down).
         """
         saved = state_dict["state"]
+        self._check_loadable(state_dict)  # before anything is replaced
         super().load_state_dict(state_dict)
         id_map: dict[int, Tensor] = {}
         for g_saved, g in zip(state_dict["param_groups"], self.param_groups, strict=True):
@@ -184,8 +262,9 @@ class ProjectedOptimizer(Optimizer):
             for name, v in value.items():
                 if name == "step" and not isinstance(v, Tensor):
                     st[name] = self._new_step(p, group).fill_(float(v))
-                elif name == "step" and group.get("capturable"):
-                    st[name] = v.to(device=p.device, dtype=torch.float32)
+                elif name == "step" and (group.get("capturable") or v.dtype != torch.float32):
+                    device = p.device if group.get("capturable") else torch.device("cpu")
+                    st[name] = v.to(device=device, dtype=torch.float32)
                 elif (
                     isinstance(v, Tensor)
                     and v.is_floating_point()
@@ -193,6 +272,39 @@ class ProjectedOptimizer(Optimizer):
                     and group.get("fp32_state", True)
                 ):
                     st[name] = v.to(device=p.device, dtype=torch.float32)
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        """Group values as at construction, and numeric step counters: raise ``ValueError`` naming the value."""
+        ours = self._option_names()
+        for i, group in enumerate(state_dict["param_groups"]):
+            merged = {**{k: v for k, v in self.defaults.items() if k in ours}, **group}
+            try:
+                self._check_common(merged)
+                self.rule.check(merged)
+            except ValueError as e:
+                raise ValueError(f"state dict param group {i}: {e}") from None
+        for key, st in state_dict["state"].items():
+            step = st.get("step")
+            if step is None:
+                continue
+            ok = (isinstance(step, (int, float)) and not isinstance(step, bool)) or (
+                isinstance(step, Tensor) and step.numel() == 1 and not step.is_complex() and step.dtype != torch.bool
+            )
+            if not ok:
+                raise ValueError(f"state dict: parameter {key!r} has step {step!r}; expected a number")
+
+    @staticmethod
+    def _normalise_steps(group: dict[str, Any], states: list[dict[str, Any]], params: list[Tensor]) -> None:
+        """Integer step counters (set by hand, or loaded by another class) become float32 tensors, as
+        torch.optim accepts them; done for the whole group before any tensor of it is stepped."""
+        for p, st in zip(params, states, strict=True):
+            step = st.get("step")
+            if isinstance(step, Tensor) and step.dtype == torch.float32 and step.dim() == 0:
+                continue
+            if step is not None:
+                device = p.device if group.get("capturable") else torch.device("cpu")
+                value = step if isinstance(step, Tensor) else torch.tensor(float(step))
+                st["step"] = value.detach().reshape(()).to(device=device, dtype=torch.float32)
 
     # -- statistics ------------------------------------------------------------------
     # Kept in ``self._last_stats``, not in ``self.state``: they never enter
@@ -239,10 +351,10 @@ class ProjectedOptimizer(Optimizer):
         for group, params, olds in before:
             lr = group["lr"]
             lr = lr.detach().clone() if isinstance(lr, Tensor) else float(lr)
-            for idx in _update.group_by_device_and_dtype(range(len(params)), params).values():
+            for idx in precision.group_by_device_and_dtype(range(len(params)), params).values():
                 ps = [params[i] for i in idx]
-                new = [_update.upcast(p.detach()) for p in ps]
-                old = [_update.upcast(olds[i]) for i in idx]
+                new = [precision.upcast(p.detach()) for p in ps]
+                old = [precision.upcast(olds[i]) for i in idx]
                 if any(distributed.is_dtensor(p) for p in ps):  # FSDP2: from local shards, one all_reduce
                     n_old, n_new, angle = distributed.norm_stats(new, old)
                 else:
@@ -307,57 +419,3 @@ class ProjectedOptimizer(Optimizer):
         out["projected_fraction"] = counts[0] / counts[1] if counts[1] else 0.0
         out["projected_numel_fraction"] = counts[2] / counts[3] if counts[3] else 0.0
         return out
-
-
-#: group options of the reference package ``adamp`` 0.3.0 (AdamP and SGDP)
-_REFERENCE_OPTIONS = {"lr", "betas", "eps", "weight_decay", "delta", "wd_ratio", "nesterov", "momentum", "dampening"}
-#: our options whose non-default values the reference cannot reproduce, with the value it implies
-_REFERENCE_IMPLIED = {"maximize": False, "scale_invariant": "auto", "project_momentum": True}
-
-
-def to_reference_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Convert a ``state_dict()`` of :class:`~torch_adamp.AdamP` / :class:`~torch_adamp.SGDP` for the reference package.
-
-    The result loads into ``adamp.AdamP`` / ``adamp.SGDP`` (0.3.0), which then
-    continues exactly as if it had run from the start (bitwise, for the
-    per-tensor path ``foreach=False`` with a float ``lr``). Tensor ``step``
-    counters become Python ints (the reference computes its bias corrections
-    from an int), a tensor ``lr`` becomes a float, and the options the reference
-    does not have are dropped from the groups (keys it has, and keys of other
-    tools such as ``initial_lr`` of the schedulers, are kept). Tensors are
-    shared, not copied. The input is not modified.
-
-    Raises ``ValueError`` for a group that uses an option the reference cannot
-    reproduce: ``maximize=True``, ``scale_invariant`` other than ``"auto"``, or
-    ``project_momentum=False``.
-    """
-    import inspect
-
-    from .adamp import AdamP
-    from .sgdp import SGDP
-
-    ours_only = {
-        name
-        for cls in (AdamP, SGDP)
-        for name in inspect.signature(cls.__init__).parameters
-        if name not in ("self", "params")
-    } - _REFERENCE_OPTIONS
-    groups = []
-    for i, group in enumerate(state_dict["param_groups"]):
-        for name, implied in _REFERENCE_IMPLIED.items():
-            if name in group and group[name] != implied:
-                raise ValueError(
-                    f"param group {i} has {name}={group[name]!r}; the reference package has no such option "
-                    f"(it always behaves as {name}={implied!r}), so its state dict cannot carry this run"
-                )
-        new = {k: v for k, v in group.items() if k not in ours_only}
-        if isinstance(new.get("lr"), Tensor):
-            new["lr"] = float(new["lr"].item())
-        groups.append(new)
-    state = {}
-    for key, st in state_dict["state"].items():
-        st = dict(st)
-        if isinstance(st.get("step"), Tensor):
-            st["step"] = int(st["step"].item())
-        state[key] = st
-    return {**state_dict, "state": state, "param_groups": groups}

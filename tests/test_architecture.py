@@ -1,0 +1,137 @@
+"""The layout is the architecture: layers import only downward, and no module imports itself back.
+
+Every import is counted, including those made inside functions. Layers, from the bottom
+(docs/ARCHITECTURE.md draws them): the projection and the native binding; the rules; the
+engine; sharded-parameter support; the functional API and the optimizer base class; the
+optimizer classes; reference interop; the package and its command line.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "torch_adamp"
+
+#: the layer of each module or subpackage (first component under torch_adamp); imports go to lower layers,
+#: or within the same subpackage (acyclic)
+LAYERS = {
+    "projection": 0,
+    "_native": 0,
+    "rules": 1,
+    "diagnostics": 1,
+    "engine": 2,
+    "distributed": 3,
+    "functional": 4,
+    "optimizer": 4,
+    "adamp": 5,
+    "sgdp": 5,
+    "interop": 6,
+    "__init__": 7,
+    "experiments": 8,
+    "integrations": 8,
+    "cli": 9,
+}
+
+
+_ALL: set[str] = set()
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Internal modules imported by ``path`` (anywhere in the file), as dotted names."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("torch_adamp"))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            elif node.module and node.module.startswith("torch_adamp"):
+                mod = node.module
+            else:
+                continue
+            subs = [f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in _ALL]
+            out.update(subs or [mod])  # "from . import rules" imports the module rules, not the package
+    return out - {name}
+
+
+MODULES = {_module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+_ALL = set(MODULES)
+GRAPH = {m: {i for i in _imports(p) if i in MODULES} for m, p in MODULES.items()}
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    return LAYERS["__init__"] if len(parts) == 1 else LAYERS[parts[1]]
+
+
+def test_every_module_has_a_layer() -> None:
+    assert all(m == "torch_adamp" or m.split(".")[1] in LAYERS for m in MODULES), sorted(MODULES)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_go_down(module: str) -> None:
+    for target in GRAPH[module]:
+        parts = module.split(".")
+        same_subpackage = len(parts) > 1 and (SRC / parts[1]).is_dir() and parts[:2] == target.split(".")[:2]
+        up = _layer(target) >= _layer(module) and not same_subpackage
+        assert not up, f"{module} (layer {_layer(module)}) imports {target} (layer {_layer(target)})"
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of ``graph`` as a path of module names, or ``None``."""
+    state: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> list[str] | None:
+        state[m] = 1
+        for t in sorted(graph[m]):
+            if t == m.rsplit(".", 1)[0]:
+                continue  # "from . import x" runs the parent package's __init__, which is already importing
+            if state.get(t) == 1:
+                return [*stack, m, t]
+            if state.get(t) is None and (found := visit(t, [*stack, m])) is not None:
+                return found
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m, [])) is not None:
+            return found
+    return None
+
+
+def test_no_import_cycle() -> None:
+    cycle = find_cycle(GRAPH)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    assert find_cycle({"p.a": {"p.b"}, "p.b": {"p.c"}, "p.c": {"p.a"}}) == ["p.a", "p.b", "p.c", "p.a"]
+    assert find_cycle({"p.a": {"p.b"}, "p.b": set()}) is None
+
+
+def test_no_c_source_inside_python() -> None:
+    for module, path in MODULES.items():
+        text = path.read_text()
+        assert "#include <" not in text, f"{module} holds C source; it belongs in csrc/"
+
+
+def test_the_checker_sees_imports_inside_functions(tmp_path: Path) -> None:
+    f = SRC / "engine" / "fused.py"
+    assert "torch_adamp._native" in _imports(f) and "torch_adamp.rules" in _imports(f)
+    inner = ast.parse("def f():\n    from .adamp import AdamP\n")
+    assert any(isinstance(n, ast.ImportFrom) for n in ast.walk(inner))  # ast.walk reaches function bodies
