@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import torch_adamp
 from torch_adamp import cli
 from torch_adamp.experiments import compare, fashion_mnist
 from torch_adamp.experiments.progress import progress_bar

@@ -24,12 +24,9 @@ import torch_adamp
 
 from . import fashion_mnist
 from .progress import progress_bar
+from .training import BASELINE_CLASSES, LABELS, OPTIMIZERS, PAIRS, build_optimizer, mean_std, weight_stats
 
-OPTIMIZERS = ("sgd", "sgdp", "adamw", "adamp")
-LABELS = {"sgd": "SGD", "sgdp": "SGDP", "adamw": "AdamW", "adamp": "AdamP"}
-#: each projected optimizer and the torch.optim baseline it is compared with
-PAIRS = (("sgd", "sgdp"), ("adamw", "adamp"))
-BASELINE_CLASSES = {"sgd": "torch.optim.SGD", "adamw": "torch.optim.AdamW"}
+__all__ = ["BASELINE_CLASSES", "LABELS", "OPTIMIZERS", "PAIRS", "Config", "run"]
 
 #: other torch.optim optimizers ``--optimizers`` accepts, alone or wrapped: ``NAME+p`` is
 #: ``torch_adamp.Projected(NAME)``. RAdam and NAdam use decoupled weight decay (AdamW's hyper-parameters);
@@ -71,9 +68,9 @@ class Config:
     threads: int | None = None
 
 
-def make_model(width: int = 16, num_classes: int = 10) -> nn.Sequential:
+def make_model(width: int = 16, num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
     """Three conv-BN-ReLU blocks (no conv bias; the last two stride 2), global pooling, a linear head."""
-    chans = [1, width, 2 * width, 4 * width]
+    chans = [in_channels, width, 2 * width, 4 * width]
     layers: list[nn.Module] = []
     for i in range(3):
         layers += [
@@ -92,30 +89,9 @@ def scale_invariant_names(model: nn.Module) -> list[str]:
 
 def make_optimizer(name: str, model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """torch.optim baselines, or this package's optimizers with ``track_stats=True``."""
-    if name == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=cfg.sgd_lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.sgd_weight_decay
-        )
-    if name == "sgdp":
-        return torch_adamp.SGDP(
-            model.named_parameters(),
-            lr=cfg.sgd_lr,
-            momentum=cfg.momentum,
-            nesterov=True,
-            weight_decay=cfg.sgd_weight_decay,
-            track_stats=True,
-        )
-    if name == "adamw":
-        return torch.optim.AdamW(
-            model.parameters(), lr=cfg.adam_lr, betas=cfg.betas, weight_decay=cfg.adam_weight_decay
-        )
-    if name == "adamp":
-        return torch_adamp.AdamP(
-            model.named_parameters(),
-            lr=cfg.adam_lr,
-            betas=cfg.betas,
-            weight_decay=cfg.adam_weight_decay,
-            track_stats=True,
+    if name in ("sgd", "sgdp"):
+        return build_optimizer(
+            name, model.named_parameters(), lr=cfg.sgd_lr, weight_decay=cfg.sgd_weight_decay, momentum=cfg.momentum
         )
     base = name.removesuffix("+p")
     if base in WRAPPABLE:
@@ -130,7 +106,9 @@ def make_optimizer(name: str, model: nn.Module, cfg: Config) -> torch.optim.Opti
                 params, lr=cfg.adam_lr, betas=cfg.betas, weight_decay=cfg.adam_weight_decay, decoupled_weight_decay=True
             )
         return torch_adamp.Projected(inner, track_stats=True) if name != base else inner
-    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(CHOICES)}")
+    return build_optimizer(
+        name, model.named_parameters(), lr=cfg.adam_lr, weight_decay=cfg.adam_weight_decay, betas=cfg.betas
+    )
 
 
 @torch.no_grad()
@@ -143,22 +121,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000) -> float
     return 100.0 * correct / len(y)
 
 
-def _weight_stats(
-    opt: torch.optim.Optimizer, model: nn.Module, names: list[str]
-) -> tuple[list[float], list[float], list[bool] | None]:
-    """Per scale-invariant weight after the last step: norm, effective step size ``lr / ||w||^2`` and,
-    for SGDP/AdamP, whether the optimizer projected it (from ``opt.stats()``)."""
-    if isinstance(opt, (torch_adamp.SGDP, torch_adamp.AdamP, torch_adamp.Projected)):
-        s = opt.stats()
-        return (
-            [s[f"{n}/weight_norm"] for n in names],
-            [s[f"{n}/lr_over_norm_sq"] for n in names],
-            [s[f"{n}/view"] > 0 for n in names],
-        )
-    params = dict(model.named_parameters())
-    lr = float(opt.param_groups[0]["lr"])
-    norms = [float(params[n].detach().norm()) for n in names]
-    return norms, [lr / v**2 for v in norms], None
+_weight_stats = weight_stats
 
 
 @dataclass
@@ -246,8 +209,7 @@ def steps_per_run(cfg: Config, train_size: int) -> int:
     return cfg.epochs * (train_size // min(cfg.batch_size, train_size))
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+_mean_std = mean_std
 
 
 def summarize(runs: Sequence[RunResult], optimizers: Sequence[str]) -> dict[str, dict[str, Any]]:

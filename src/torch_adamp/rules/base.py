@@ -96,9 +96,17 @@ class Rule:
     def check(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` naming the option for a group value this rule cannot take."""
 
+    #: the field names of ``options_type`` (read once: ``dataclasses.fields`` does not trace under dynamo)
+    option_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "options_type" in cls.__dict__:
+            cls.option_fields = tuple(f.name for f in dataclasses.fields(cls.options_type))
+
     def options(self, group: dict[str, Any]) -> Any:
         """The rule's options from a parameter group: its fields of the same name, and :meth:`renamed`."""
-        values = {f.name: group[f.name] for f in dataclasses.fields(self.options_type) if f.name in group}
+        values = {name: group[name] for name in self.option_fields if name in group}
         lr = values.get("lr")
         if isinstance(lr, Tensor) and lr.dim() > 0:  # any one-element tensor, as torch.optim accepts
             values["lr"] = lr.reshape(())
