@@ -44,6 +44,22 @@ def check_lr(lr: Any) -> None:
     _check_nonneg("lr", lr)
 
 
+def reused_copies(tensors: list[Any], store: dict[Tensor, Tensor], params: list[Tensor]) -> list[Tensor]:
+    """Copies of ``tensors`` in buffers of ``store`` (keyed by their parameters), allocated once and reused."""
+    bufs = []
+    for t, p in zip(tensors, params, strict=True):
+        buf = store.get(p)
+        if buf is None or (buf.shape, buf.dtype, buf.device) != (t.shape, t.dtype, t.device):
+            buf = store[p] = torch.empty_like(t, memory_format=torch.preserve_format)
+        bufs.append(buf)
+    if any(distributed.is_dtensor(p) for p in params):  # no foreach copy for DTensors
+        for buf, t in zip(bufs, tensors, strict=True):
+            buf.copy_(t.detach())
+    else:
+        torch._foreach_copy_(bufs, [t.detach() for t in tensors])  # reused buffers: no allocation
+    return bufs
+
+
 def defaults_of(arguments: dict[str, Any]) -> dict[str, Any]:
     """The group defaults of a subclass ``__init__`` called as ``defaults_of(locals())``: its arguments
     but ``self`` and ``params``."""
@@ -73,19 +89,7 @@ class TrackStats:
             if group.get("track_stats"):
                 params = [p for p in group["params"] if p.grad is not None]
                 if params:
-                    copies = self._stats_copies
-                    olds = []
-                    for p in params:
-                        buf = copies.get(p)
-                        if buf is None or (buf.shape, buf.dtype, buf.device) != (p.shape, p.dtype, p.device):
-                            buf = copies[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-                        olds.append(buf)
-                    if any(distributed.is_dtensor(p) for p in params):  # no foreach copy for DTensors
-                        for buf, p in zip(olds, params, strict=True):
-                            buf.copy_(p.detach())
-                    else:
-                        torch._foreach_copy_(olds, [p.detach() for p in params])  # reused buffers: no allocation
-                    tracked.append((group, params, olds))
+                    tracked.append((group, params, reused_copies(params, self._stats_copies, params)))
         return tracked or None
 
     def _stats_after(

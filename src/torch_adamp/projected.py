@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 
 from . import distributed, projection
 from .engine import precision
-from .optimizer import TrackStats, _check_nonneg
+from .optimizer import TrackStats, _check_nonneg, reused_copies
 
 __all__ = ["Projected"]
 
@@ -245,29 +245,13 @@ class Projected(TrackStats, Optimizer):
             if params:
                 grads = [p.grad for p in params]
                 if type(self.inner).__name__ in MUTATES_GRADS:
-                    grads = self._copy_before(grads, self._pre_grad, params)
-                jobs.append((group, params, grads, self._copy_before(params, self._pre, params)))
+                    grads = reused_copies(grads, self._pre_grad, params)
+                jobs.append((group, params, grads, reused_copies(params, self._pre, params)))
         self.inner.step()
         views: dict[Tensor, Tensor] = {}
         distributed.run_group_steps(self._project_group, [(*job, views) for job in jobs])
         self._stats_after(before, views)
         return loss
-
-    @staticmethod
-    def _copy_before(tensors: list[Any], store: dict[Tensor, Tensor], params: list[Tensor]) -> list[Tensor]:
-        """Copies of ``tensors`` in buffers of ``store`` (keyed by parameter), allocated once and reused."""
-        bufs = []
-        for t, p in zip(tensors, params, strict=True):
-            buf = store.get(p)
-            if buf is None or (buf.shape, buf.dtype, buf.device) != (t.shape, t.dtype, t.device):
-                buf = store[p] = torch.empty_like(t, memory_format=torch.preserve_format)
-            bufs.append(buf)
-        if any(distributed.is_dtensor(p) for p in params):  # no foreach copy for DTensors
-            for buf, t in zip(bufs, tensors, strict=True):
-                buf.copy_(t.detach())
-        else:
-            torch._foreach_copy_(bufs, [t.detach() for t in tensors])
-        return bufs
 
     def _project_group(
         self,
