@@ -820,9 +820,9 @@ def _peak_temporary_bytes() -> Any:
 
 
 #: the multi-tensor step's temporaries, in copies of the group (the docs' memory table): AdamP keeps
-#: ``sqrt(v)`` and the update (2x); SGDP the projected direction (1x); one step of torch's foreach AdamW
+#: ``sqrt(v)`` and the update (2x); SGDP under half of it (measured 0.31x); one step of torch's foreach AdamW
 #: measured with the same counter in the same test is 1x
-PEAK_GROUP_COPIES = {"AdamP": 2, "SGDP": 1}
+PEAK_GROUP_COPIES = {"AdamP": 2, "SGDP": 0.5}
 
 
 @pytest.mark.parametrize("info", OWN_INFOS, ids=repr)

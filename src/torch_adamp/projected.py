@@ -90,6 +90,8 @@ class Projected(TrackStats, Optimizer):
     what ``inner`` does, takes no Python decision on a tensor, and compiles
     with ``torch.compile(fullgraph=True)`` where ``inner.step`` does. FSDP2
     DTensor parameters are supported with one packed ``all_reduce`` per step.
+    Refused at construction and ``add_param_group``: complex parameters (pass
+    ``torch.view_as_real(p)``) and ``differentiable=True`` inner optimizers.
 
     **Memory.** One buffer per projected candidate, the size of the parameter,
     allocated at its first step and reused afterwards (never in
