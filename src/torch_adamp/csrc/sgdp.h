@@ -160,10 +160,12 @@ static void FN(sgd_pm_restore)(const FN(hyp_t) * h, T* restrict p, T* restrict b
     } while (0)
 
 /* Sweep B of a row written under a channel guess with PM, in one pass over the cached row: sgd_step's
-   arithmetic (d = b - c w, b <- d, w <- FMA(d, -lr, f w)) and the exception log (val, idx; at most cap).
+   arithmetic (d = b - c w, b <- d, w <- FMA(d, -lr, f w)) and the exception log (val, idx; at most cap),
+   prefetching the next row (pf_*; NULL: none) so that memory keeps streaming while this runs from the cache.
    Returns the number of exceptions, or -1 when more than cap: the row is then as after sweep A. */
 INL int64_t FN(sgd_pm_row)(const FN(hyp_t) * h, T* restrict p, T* restrict b, int64_t C, T c, const int dec,
-                           T* restrict val, int32_t* restrict idx, int64_t cap) {
+                           T* restrict val, int32_t* restrict idx, int64_t cap, const T* pf_p, const T* pf_g,
+                           const T* pf_b) {
     int64_t n = 0, j = 0, at = 0;
 #ifdef PM_VBYTES
     enum { VL = PM_VBYTES / sizeof(T) };
@@ -176,6 +178,11 @@ INL int64_t FN(sgd_pm_row)(const FN(hyp_t) * h, T* restrict p, T* restrict b, in
         lv[k] = -h->ss;
     }
     for (; j + VL <= C; j += VL) {
+        if (pf_p != NULL) {
+            __builtin_prefetch(pf_p + j);
+            __builtin_prefetch(pf_g + j);
+            __builtin_prefetch(pf_b + j);
+        }
         FN(pm_vec) pv, bv;
         memcpy(&pv, p + j, sizeof pv);
         memcpy(&bv, b + j, sizeof bv);
@@ -240,8 +247,10 @@ static int FN(sgd_speculate)(const FN(hyp_t) * h, T* p, const T* g, T* b, int64_
         if (write && pm_chan) { /* the log: values in bak[o, o + C/2), indices after them */
             T* val = bak + o;
             int32_t* idx = (int32_t*)(bak + o + C / 2);
-            exn[r] = dec ? FN(sgd_pm_row)(&hs, p + o, b + o, C, c, 1, val, idx, C / 2)
-                         : FN(sgd_pm_row)(&hs, p + o, b + o, C, c, 0, val, idx, C / 2);
+            const int pf = r + 1 < R; /* the next row, fetched while this one is stepped from the cache */
+            const T *pp = pf ? p + o + C : NULL, *pg = g + o + C, *pb = b + o + C;
+            exn[r] = dec ? FN(sgd_pm_row)(&hs, p + o, b + o, C, c, 1, val, idx, C / 2, pp, pg, pb)
+                         : FN(sgd_pm_row)(&hs, p + o, b + o, C, c, 0, val, idx, C / 2, pp, pg, pb);
             write = exn[r] >= 0;
         } else if (write) {
             STREAM_COPY(bak + o, p + o, C);
