@@ -207,6 +207,8 @@ INL int64_t FN(sgd_pm_row)(const FN(hyp_t) * h, T* restrict p, T* restrict b, in
         memcpy(b + j, &d, sizeof d);
         memcpy(p + j, &pn, sizeof pn);
     }
+#else
+    (void)pf_p, (void)pf_g, (void)pf_b;
 #endif
     for (; j < C; j++) PM_ONE(j);
     return n;
