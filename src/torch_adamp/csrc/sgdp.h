@@ -4,7 +4,9 @@
    the buffer and sums, per row, <w,g>, ||w||^2, ||g||^2 and <w,d> (all the decision and both views need:
    no extra sweep for the layer view); B re-derives d from the stored buffer, projects and steps. Measured,
    this beats a read-only first pass on every parameter set: sweep A mixes reads and writes, which stream
-   faster than reads alone, and B reads from the cache for all but the largest tensors. */
+   faster than reads alone, and B reads from the cache for all but the largest tensors. Those (above
+   stage_bytes) are speculated from their second step: sweep B of each row right after its sweep A, under the
+   view of the last step (sgd_speculate). */
 
 /* buffer of one element (stored back when STORE) and the direction d */
 INL T FN(sgd_d)(const FN(hyp_t) * h, T gj, T* restrict bj_p, const int nest, const int store) {
