@@ -370,8 +370,8 @@ def bytes_moved(params: Sequence[Tensor], family: str, projected: bool) -> int:
     total = sum(per * p.numel() for p in params)
     if projected and family == "adam":  # the copy of w made by the speculative sweep (native kernel)
         total += sum(4 * p.numel() for p in params if projection.projectable(p) and p.numel() * 4 > _fused.STAGE_BYTES)
-    elif projected:
-        total += sum(8 * p.numel() for p in params if projection.projectable(p))
+    elif projected:  # sweep B of the staged tensors; the larger ones are speculated (a channel guess copies nothing)
+        total += sum(8 * p.numel() for p in params if projection.projectable(p) and p.numel() * 4 <= _fused.STAGE_BYTES)
     return total
 
 

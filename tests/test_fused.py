@@ -345,6 +345,104 @@ def test_speculative_sweep_is_exact_whatever_the_guess(
     assert workspace.spare_bytes == 0 and not workspace.guesses
 
 
+def _pm_exceptions(p: Tensor, b: Tensor, g: Tensor, lr: float, f: float, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """Per row, how many elements of a row written under a channel guess with project_momentum the kernel
+    cannot recompute from the written row (w from w_new and d, the buffer b_A = d + c w), float32, with the
+    kernel's operations (the FMA emulated in float64; c from float64 sums, near enough to count)."""
+    p2, b_a = p.reshape(p.shape[0], -1), (b * 0.9 + g).reshape(p.shape[0], -1)
+    p64 = p2.double()
+    c = ((p64 * b_a.double()).sum(1, keepdim=True) / (p64.square().sum(1, keepdim=True).sqrt() + eps) ** 2).float()
+    t = c * p2
+    d = b_a - t
+    back = d + t
+    lr32 = torch.tensor(lr, dtype=torch.float32).double()
+    p1 = p2 * torch.tensor(f, dtype=torch.float32) if f != 1 else p2
+    pn = (d.double() * -lr32 + p1.double()).float()
+    q = (d.double() * lr32 + pn.double()).float()
+    wr = q / torch.tensor(f, dtype=torch.float32) if f != 1 else q
+    ex_w = wr.view(torch.int32) != p2.view(torch.int32)
+    ex_b = back.view(torch.int32) != b_a.view(torch.int32)
+    return ex_w.sum(1), ex_b.sum(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("wd", [0.0, 1e-2], ids=["no-decay", "decay"])
+@pytest.mark.parametrize("overflow", [False, True], ids=["logged", "overflow"])
+def test_speculative_pm_sweep_is_exact_with_elements_it_cannot_recover(
+    overflow: bool, wd: float, threads: int, dtype: torch.dtype
+) -> None:
+    """SGDP with project_momentum (no nesterov) under a channel guess copies nothing: a wrong guess recomputes
+    w and the buffer from the written rows, and the elements where that rounding loses bits are logged before
+    a row is written (a row with more than half its elements to log is left and stepped once the guess holds).
+    Forced here: parameters with tiny elements (w lost in w_new - lr d), a buffer along w on some elements only
+    (b lost in b - c w), a right guess, then a wrong one that fails in the last rows, then right again; the
+    result is bitwise the two-sweep scheme's (no speculation), parameters, buffers and views."""
+    shapes = [(40, 64), (300, 130)]  # the second one above PAR_MIN: rows on two threads
+    lr, mom = 0.1, 0.9
+    schedule = ["channel", "channel", "late", "channel", "channel", "late", "late", "channel"]
+
+    def go(stage_bytes: int) -> tuple[list[Tensor], list[list[float]], Any, list[tuple[int, int, int, int]]]:
+        old_stage, old_threads = _fused.STAGE_BYTES, torch.get_num_threads()
+        _fused.STAGE_BYTES = stage_bytes
+        torch.set_num_threads(threads)
+        try:
+            gen = torch.Generator().manual_seed(5)
+            params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in shapes]
+            opt = torch_adamp.SGDP(params, lr=lr, momentum=mom, weight_decay=wd, fused=True, track_stats=True)
+            views, counts, shrunk = [], [], {}
+            for step, kind in enumerate(schedule):
+                if step > 0:
+                    with torch.no_grad():
+                        for i, p in enumerate(params):  # what the kernel cannot recover, on a share of the elements
+                            share = 0.7 if overflow else 0.1
+                            if i in shrunk:
+                                p[shrunk[i]] *= 1e6
+                            tiny = shrunk[i] = torch.rand(p.shape, generator=gen) < share / 2
+                            p[tiny] *= 1e-6
+                            along = (torch.rand(p.shape, generator=gen) >= share / 2).to(dtype)
+                            opt.state[p]["momentum"].copy_(50 * p * along)
+                grads = []
+                for p in params:
+                    g = _orthogonal(p.detach(), torch.randn(p.shape, generator=gen, dtype=torch.float64), rows=True)
+                    if kind == "late":  # the last quarter of the rows fails the channel test
+                        head = (3 * p.shape[0]) // 4
+                        g[head:] = torch.randn(g[head:].shape, generator=gen, dtype=torch.float64)
+                    grads.append(g.to(dtype))
+                if dtype == torch.float32 and step > 0:
+                    f = 1 - lr * wd * 0.1 / (1 - mom) if wd else 1.0
+                    for p, g in zip(params, grads, strict=True):
+                        ex_w, ex_b = _pm_exceptions(p.detach(), opt.state[p]["momentum"], g, lr, f)
+                        half = p[0].numel() // 2
+                        over = int(((ex_w + ex_b) > half).sum())
+                        counts.append((int(ex_w.sum()), int(ex_b.sum()), over, p.shape[0]))
+                for p, g in zip(params, grads, strict=True):
+                    p.grad = g
+                opt.step()
+                views.append([opt.stats()[f"group0.param{i}/view"] for i in range(len(params))])
+            state = [opt.state[p]["momentum"].clone() for p in params]
+            return [p.detach().clone() for p in params] + state, views, opt._workspace, counts
+        finally:
+            _fused.STAGE_BYTES = old_stage
+            torch.set_num_threads(old_threads)
+
+    got, views, ws, counts = go(0)
+    ref, ref_views, ref_ws, _ = go(1 << 30)
+    assert views == ref_views
+    seen = {v for step in views for v in step}
+    assert 1.0 in seen and len(seen) > 1  # channel, and another view at the "late" steps
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert ws.spec_right >= 4 and ws.spec_wrong >= 2, (ws.spec_right, ws.spec_wrong, views)
+    assert ref_ws.spec_right == ref_ws.spec_wrong == 0
+    if counts:  # the scenario is what it claims: both kinds of exception, rows over the log's capacity or not
+        assert all(w > 0 and b > 0 for w, b, _, _ in counts), counts
+        if overflow:
+            assert all(over > 0 for _, _, over, _ in counts), counts
+        else:  # a few rows at most over the capacity
+            assert all(over <= rows // 20 for _, _, over, rows in counts), counts
+
+
 def test_no_speculation_above_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tensors above ``_fused.SPECULATE_MAX_BYTES`` take two passes: no copy kept between steps."""
     monkeypatch.setattr(_fused, "STAGE_BYTES", 0)

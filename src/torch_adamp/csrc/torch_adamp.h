@@ -7,8 +7,9 @@
    float rounding (bitwise whatever the thread count and the guess).
 
    Speculation: tensors too large to stage are swept once under `guess[i]` (the view tensor i took at its
-   last step, kept by the optimizer), their old rows copied to `spare`; a wrong guess costs a second sweep,
-   never correctness. torch_adamp_<rule>_spare_<type>() returns the bytes of `spare` the call needs; with less,
+   last step, kept by the optimizer), their old rows copied to `spare` (SGDP under a channel guess with
+   project_momentum: only what cannot be recomputed from the written rows, logged there); a wrong guess costs
+   a second sweep, never correctness. torch_adamp_<rule>_spare_<type>() returns the bytes of `spare` the call needs; with less,
    the tensors that do not fit are not speculated. */
 #ifndef TORCH_ADAMP_H
 #define TORCH_ADAMP_H
