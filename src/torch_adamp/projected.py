@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import distributed, projection
-from .engine import precision
+from .engine import fused, precision
 from .optimizer import TrackStats, _check_nonneg, reused_copies
 
 __all__ = ["Projected"]
@@ -292,16 +292,20 @@ class Projected(TrackStats, Optimizer):
         dist: Any,
     ) -> Tensor:
         """``w_a <- w_a + k w_b`` (see the class docstring); returns the view codes."""
-        # d = (1 - lr wd) w_b - w_a: the inner update without its decoupled decay
-        if wd:
-            d = list(torch._foreach_mul(list(w_b), 1 - lr * wd))
-            torch._foreach_sub_(d, list(w_a))
-        else:
-            d = list(torch._foreach_sub(list(w_b), list(w_a)))
-        coefs, view, _ = projection.projection_coefficients(
+        # d = (1 - lr wd) w_b - w_a: the inner update without its decoupled decay; its row sums with w_b and
+        # g in one sweep by the native kernel (d never materialised), else with torch operations
+        sums = fused.projected_row_sums(w_b, g, w_a, 1 - lr * wd if wd else 1.0)
+        if sums is None:
+            if wd:
+                d = list(torch._foreach_mul(list(w_b), 1 - lr * wd))
+                torch._foreach_sub_(d, list(w_a))
+            else:
+                d = list(torch._foreach_sub(list(w_b), list(w_a)))
+            sums = projection.channel_row_sums(w_b, g, d)
+            del d
+        coefs, view, _ = projection.coefficients_from_row_sums(
             w_b,
-            g,
-            d,
+            sums,
             delta=group["delta"],
             eps=group["projection_eps"],
             mode=group["scale_invariant"],

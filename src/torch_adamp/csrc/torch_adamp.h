@@ -48,6 +48,16 @@ typedef struct {
     int64_t spec_right, spec_wrong;  /* speculative sweeps of this call whose guess held / failed */
 } ta_args;
 
+/* torch_adamp.Projected's row sums (csrc/projected.h): one call for n same-type tensors */
+typedef struct {
+    int64_t n;           /* number of tensors */
+    const int64_t* ptrs; /* data pointers: n weights before the step, n grads, n weights after it */
+    const int64_t* meta; /* n numels, then n row counts (each >= 1) */
+    double scale;        /* the update is scale * w_before - w_after */
+    int32_t threads, reserved;
+    void* out;           /* (total rows, 4) of the element type: <w,g>, ||w||^2, ||g||^2, <w,u> per row */
+} ta_rows_args;
+
 /* 0, or -1 when a scratch allocation failed (then nothing was modified) */
 int torch_adamp_adamp_f32(ta_args* a);
 int torch_adamp_adamp_f64(ta_args* a);
@@ -57,4 +67,6 @@ int64_t torch_adamp_adamp_spare_f32(const ta_args* a);
 int64_t torch_adamp_adamp_spare_f64(const ta_args* a);
 int64_t torch_adamp_sgdp_spare_f32(const ta_args* a);
 int64_t torch_adamp_sgdp_spare_f64(const ta_args* a);
+int torch_adamp_projected_rows_f32(const ta_rows_args* a);
+int torch_adamp_projected_rows_f64(const ta_rows_args* a);
 #endif

@@ -440,6 +440,62 @@ for _rule in (ADAMP, SGDP):
     _op(_rule)
 
 
+# -- Projected's row sums ---------------------------------------------------------------------------
+
+
+def _rows_kernel(befores: list[Tensor], grads: list[Tensor], afters: list[Tensor], scale: float) -> Tensor:
+    dtype = befores[0].dtype
+    rows = [t.shape[0] for t in befores]
+    out = torch.empty(sum(rows), 4, dtype=dtype)
+    ptrs = array("q", [t.data_ptr() for lst in (befores, grads, afters) for t in lst])
+    meta = array("q", [t.numel() for t in befores] + rows)
+    a = _native.RowsArgs()
+    a.n = len(befores)
+    a.ptrs = ptrs.buffer_info()[0]
+    a.meta = meta.buffer_info()[0]
+    a.scale = scale
+    a.threads = max(1, torch.get_num_threads())
+    a.out = out.data_ptr()
+    _native.projected_rows(dtype is torch.float64)(ctypes.byref(a))
+    return out
+
+
+def _rows_fake(befores: list[Tensor], grads: list[Tensor], afters: list[Tensor], scale: float) -> Tensor:
+    return befores[0].new_empty(sum(t.shape[0] for t in befores), 4)
+
+
+_rows_op = torch.library.custom_op("torch_adamp::projected_rows_cpu", _rows_kernel, mutates_args=(), device_types="cpu")
+_rows_op.register_fake(_rows_fake)
+
+
+def projected_row_sums(
+    befores: Sequence[Tensor], grads: Sequence[Tensor], afters: Sequence[Tensor], scale: float | Tensor
+) -> Tensor | None:
+    """``torch_adamp.Projected``'s row sums through the native kernel (csrc/projected.h), or ``None``.
+
+    Per row of every tensor (the channel view, rows of all tensors in order), with ``u = scale * befores -
+    afters``: ``<w,g>, ||w||^2, ||g||^2, <w,u>`` of ``w = befores``, as ``(total rows, 4)`` in their dtype: the
+    ``sums`` of :func:`torch_adamp.projection.coefficients_from_row_sums`, in one sweep of the three lists
+    without materialising ``u``. ``None`` when the kernel cannot take them (not all on the CPU, contiguous,
+    of one dtype float32/float64 with one shape per triple; ``scale`` a tensor; no kernels): the caller
+    computes them with torch operations.
+    """
+    if isinstance(scale, Tensor) or not befores or not native_available():
+        return None
+    dtype = befores[0].dtype
+    if dtype not in (torch.float32, torch.float64):
+        return None
+    for lst in (befores, grads, afters):
+        if not all(t.is_cpu and t.dtype is dtype and t.is_contiguous() for t in lst):
+            return None
+    if not all(b.shape == g.shape == a.shape for b, g, a in zip(befores, grads, afters, strict=True)):
+        return None
+    if _through_dispatcher(befores):
+        out: Tensor = _rows_op(list(befores), list(grads), list(afters), float(scale))
+        return out
+    return _rows_kernel(list(befores), list(grads), list(afters), float(scale))
+
+
 def native_scratch_bytes(rule: str, params: Sequence[Tensor], threads: int | None = None) -> int:
     """C-heap scratch of one native call (not seen by torch's allocator): row sums, the written-row flags,
     the guesses, for AdamP one row of ``u`` per thread and the staging buffer, plus the pointer and shape
