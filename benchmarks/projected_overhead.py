@@ -35,16 +35,17 @@ def kept_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 class TorchRowSums(Projected):
-    """``Projected`` with its row sums computed by torch operations (the update materialised, four row
-    reductions): the path off the CPU or without the native kernels, and every path before csrc/projected.h."""
+    """``Projected`` with its step by torch operations (the update materialised, four row reductions): the
+    path off the CPU or without the native kernels, and every path before csrc/projected.h."""
 
     def step(self, closure: object = None) -> object:
-        native = fused.projected_row_sums
+        takes, rows = fused.projected_takes, fused.projected_row_sums
+        fused.projected_takes = lambda *args: False  # type: ignore[assignment]
         fused.projected_row_sums = lambda *args: None  # type: ignore[assignment]
         try:
             return super().step()
         finally:
-            fused.projected_row_sums = native
+            fused.projected_takes, fused.projected_row_sums = takes, rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,25 +45,31 @@ def _grads(params: list[nn.Parameter], step: int) -> list[Tensor]:
     return out
 
 
-@pytest.fixture(params=["native", "torch"])
+@pytest.fixture(params=["plain", "rows", "torch"])
 def row_sums(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Both ways Projected computes its row sums: the native kernel (csrc/projected.h, the CPU default; the
-    test fails if it never ran) and torch operations (other devices, no C compiler)."""
+    """The three ways Projected computes its step: ``plain`` (the CPU default for plain float tensors: the
+    copy, row sums and decision before the inner step, the projection after it by csrc/projected.h),
+    ``rows`` (the decision after the step from the native one-sweep row sums: sharded or half-precision
+    tensors) and ``torch`` (torch operations: other devices, no C compiler). The test fails if the native
+    way it names never ran."""
+    if request.param != "plain":
+        monkeypatch.setattr(fused, "projected_takes", lambda *args: False)
     if request.param == "torch":
         monkeypatch.setattr(fused, "projected_row_sums", lambda *args: None)
         yield "torch"
         return
     if not fused.native_available():
         pytest.skip("no native kernels")
-    native, used = fused.projected_row_sums, []
+    name = "projected_before" if request.param == "plain" else "projected_row_sums"
+    native, used = getattr(fused, name), []
 
     def spy(*args: Any) -> Tensor | None:
         out = native(*args)
         used.append(out is not None)
         return out
 
-    monkeypatch.setattr(fused, "projected_row_sums", spy)
-    yield "native"
+    monkeypatch.setattr(fused, name, spy)
+    yield str(request.param)
     assert any(used)
 
 

@@ -299,9 +299,12 @@ class RowsArgs(ctypes.Structure):
         ("ptrs", ctypes.c_void_p),
         ("meta", ctypes.c_void_p),
         ("scale", ctypes.c_double),
+        ("eps", ctypes.c_double),
+        ("extra", ctypes.c_double),
         ("threads", ctypes.c_int32),
         ("reserved", ctypes.c_int32),
         ("out", ctypes.c_void_p),
+        ("views", ctypes.c_void_p),
     ]
 
 
@@ -314,10 +317,11 @@ def _bind(lib: ctypes.CDLL) -> None:
             fn = getattr(lib, f"torch_adamp_{rule}_spare_{sfx}")
             fn.restype = ctypes.c_int64
             fn.argtypes = [ctypes.POINTER(Args)]
-    for sfx in ("f32", "f64"):
-        fn = getattr(lib, f"torch_adamp_projected_rows_{sfx}")
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.POINTER(RowsArgs)]
+    for name in ("rows", "before", "after"):
+        for sfx in ("f32", "f64"):
+            fn = getattr(lib, f"torch_adamp_projected_{name}_{sfx}")
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.POINTER(RowsArgs)]
 
 
 def load() -> ctypes.CDLL | None:
@@ -366,11 +370,11 @@ def extra_flags() -> tuple[str, ...]:
     return tuple(os.environ.get("TORCH_ADAMP_NATIVE_CFLAGS", "").split())
 
 
-def projected_rows(float64: bool) -> Any:
-    """The C function of ``torch_adamp.Projected``'s row sums for float64 or float32 (kernels loaded)."""
+def projected(name: str, float64: bool) -> Any:
+    """``torch_adamp.Projected``'s C function ``name`` (rows, before, after) for float64 or float32 (loaded)."""
     lib = load()
     assert lib is not None
-    return getattr(lib, f"torch_adamp_projected_rows_{'f64' if float64 else 'f32'}")
+    return getattr(lib, f"torch_adamp_projected_{name}_{'f64' if float64 else 'f32'}")
 
 
 def kernel(rule: str, float64: bool) -> tuple[Any, Any]:

@@ -237,21 +237,47 @@ class Projected(TrackStats, Optimizer):
             with torch.enable_grad():
                 loss = closure()
         before = self._stats_before()
-        jobs = []
+        jobs, plain = [], []
         for group in self.param_groups:
             if group["scale_invariant"] is False:
                 continue
             params = [p for p in group["params"] if p.grad is not None and projection.projectable_shape(p.shape)]
-            if params:
-                grads = [p.grad for p in params]
-                if type(self.inner).__name__ in MUTATES_GRADS:
-                    grads = reused_copies(grads, self._pre_grad, params)
-                jobs.append((group, params, grads, reused_copies(params, self._pre, params)))
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if fused.projected_takes(params, grads, group["lr"]):
+                # plain CPU tensors: copy and decide now (w_b and g are all the test needs), project after
+                befores = self._buffers(params)
+                sums = fused.projected_before(params, grads, befores)
+                _, view, _ = projection.coefficients_from_row_sums(
+                    befores, sums, delta=group["delta"], eps=group["projection_eps"], mode=group["scale_invariant"]
+                )
+                plain.append((group, params, befores, sums, view))
+                continue
+            if type(self.inner).__name__ in MUTATES_GRADS:
+                grads = reused_copies(grads, self._pre_grad, params)
+            jobs.append((group, params, grads, reused_copies(params, self._pre, params)))
         self.inner.step()
         views: dict[Tensor, Tensor] = {}
+        for group, params, befores, sums, view in plain:
+            lr, ratio = group["lr"], group["wd_ratio"]
+            wd = group.get("weight_decay", 0) if self._decay_kind(group) else 0
+            scale = 1 - lr * wd if wd else 1.0
+            fused.projected_after(befores, params, sums, view, scale, group["projection_eps"], lr * wd * (1 - ratio))
+            views.update(zip(params, view.unbind(0), strict=True))
         distributed.run_group_steps(self._project_group, [(*job, views) for job in jobs])
         self._stats_after(before, views)
         return loss
+
+    def _buffers(self, params: list[Tensor]) -> list[Tensor]:
+        """The reused pre-step buffers of ``params`` (contiguous, filled by the caller)."""
+        bufs = []
+        for p in params:
+            buf = self._pre.get(p)
+            if buf is None or (buf.shape, buf.dtype, buf.device) != (p.shape, p.dtype, p.device):
+                buf = self._pre[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
+            bufs.append(buf)
+        return bufs
 
     def _project_group(
         self,
