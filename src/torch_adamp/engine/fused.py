@@ -470,7 +470,7 @@ _rows_op.register_fake(_rows_fake)
 
 def _plain_args(
     first: list[Tensor], grads: list[Tensor], third: list[Tensor], out: Tensor
-) -> tuple[_native.RowsArgs, array, array]:
+) -> tuple[_native.RowsArgs, "array[int]", "array[int]"]:
     rows = [t.shape[0] for t in first]
     ptrs = array("q", [t.data_ptr() for lst in (first, grads, third) for t in lst])
     meta = array("q", [t.numel() for t in first] + rows)
