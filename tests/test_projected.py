@@ -555,6 +555,20 @@ def test_native_row_sums_are_the_torch_row_sums(dtype: torch.dtype, threads: int
             nw, ng, nu = (torch.cat([x.reshape(x.shape[0], -1).norm(dim=1) for x in xs]) for xs in (wb, g, u))
             bound = torch.stack([nw * ng, nw * nw, ng * ng, nw * nu], 1)  # |<a,b>| <= |a| |b|
             assert ((got - want).abs() <= tol * bound).all()
+            # the two-sweep form: the copy and the first three sums before the step, the projection after it
+            bufs = [torch.empty_like(w) for w in wb]
+            before = fused.projected_before(wb, g, bufs)
+            assert all(torch.equal(b, w) for b, w in zip(bufs, wb, strict=True))
+            assert ((before[:, :3] - want[:, :3]).abs() <= tol * bound[:, :3]).all() and not before[:, 3].any()
+            for mode in ("channel", "layer", False):
+                coefs, view, _ = projection.coefficients_from_row_sums(wb, want, delta=0.1, eps=1e-8, mode=mode)
+                projected = [(view[i] > 0).to(dtype) * 0.01 for i in range(len(wb))]
+                triples = zip(wa, wb, coefs, projected, strict=True)
+                expected = [a + (c + e) * b for a, b, c, e in triples]
+                got_w = [a.clone() for a in wa]
+                fused.projected_after(bufs, got_w, before.clone(), view, scale, 1e-8, 0.01)
+                for x, y in zip(got_w, expected, strict=True):
+                    assert _rel(x, y) <= 10 * tol and (mode is not False or torch.equal(x, y))
     finally:
         torch.set_num_threads(old)
     assert fused.projected_row_sums([wb[1].t()], [g[1].t()], [wa[1].t()], 1.0) is None  # not contiguous
