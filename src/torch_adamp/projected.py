@@ -63,7 +63,11 @@ class Projected(TrackStats, Optimizer):
     ``c_i = <w_i, d_i> / (||w_i|| + eps)^2``, ``0`` when not projected). It is
     computed as ``w <- w_a + k w_b`` with ``k = c + lr wd (1 - wd_ratio)`` on
     projected rows and ``k = 0`` elsewhere, so a weight that is not projected
-    keeps the inner optimizer's result bit for bit. With ``torch.optim.AdamW``
+    keeps the inner optimizer's result bit for bit. For plain float32/float64
+    CPU tensors the copy, the test's row sums and the decision are one native
+    sweep before ``inner.step()`` (they need only ``w_b`` and ``g``), and the
+    channel projection one sweep after it (``d`` never stored); sharded and
+    other tensors are decided after the step from the same sums. With ``torch.optim.AdamW``
     this is AdamP, and with ``torch.optim.SGD(momentum, nesterov=True)`` it is
     ``SGDP(..., project_momentum=False)`` (tests/test_projected.py).
 
