@@ -432,6 +432,11 @@ def test_compare_accepts_wrapped_optimizers() -> None:
         plain, wrapped = compare.make_optimizer(name, model, cfg), compare.make_optimizer(f"{name}+p", model, cfg)
         assert type(plain) is cls and isinstance(wrapped, Projected) and type(wrapped.inner) is cls
         assert compare.LABELS[f"{name}+p"].endswith("+P")
+    for name, module, cls_name in (("lion", "lion_pytorch", "Lion"), ("adamw8bit", "torchao.optim", "AdamW8bit")):
+        cls = getattr(pytest.importorskip(module), cls_name)
+        plain, wrapped = compare.make_optimizer(name, model, cfg), compare.make_optimizer(f"{name}+p", model, cfg)
+        assert type(plain) is cls and isinstance(wrapped, Projected) and type(wrapped.inner) is cls
+        assert compare.BASELINE_CLASSES[f"{name}+p"] == f"torch_adamp.Projected({module}.{cls_name})"
 
 
 def test_grad_scaler_unscales_and_skips_like_the_inner_optimizer() -> None:
