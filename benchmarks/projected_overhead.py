@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_time
 
 from torch_adamp import AdamP, Projected
+from torch_adamp.engine import fused
 
 HYPER = {"lr": step_time.LR, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
 
@@ -33,11 +34,30 @@ def kept_bytes(opt: torch.optim.Optimizer) -> int:
     return step_time.state_bytes(inner) + extra
 
 
+class TorchRowSums(Projected):
+    """``Projected`` with its step by torch operations (the update materialised, four row reductions): the
+    path off the CPU or without the native kernels, and every path before csrc/projected.h."""
+
+    def step(self, closure: object = None) -> object:
+        takes, rows = fused.projected_takes, fused.projected_row_sums
+        fused.projected_takes = lambda *args: False  # type: ignore[assignment]
+        fused.projected_row_sums = lambda *args: None  # type: ignore[assignment]
+        try:
+            return super().step()
+        finally:
+            fused.projected_takes, fused.projected_row_sums = takes, rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", type=int, default=1, help="divide every dimension >= 16 by this")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument(
+        "--torch-row-sums",
+        action="store_true",
+        help="also Projected with its row sums by torch operations (no native kernel: the path before it)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     params, _ = step_time.make_tensors(step_time.SETS["resnet50"], args.scale)
@@ -46,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         "Projected(AdamW(fused=True))": lambda: Projected(torch.optim.AdamW(params, **HYPER, fused=True)),
         "AdamP (default: fused)": lambda: AdamP(params, **HYPER),
     }
+    if args.torch_row_sums:
+        makers["Projected, torch row sums"] = lambda: TorchRowSums(torch.optim.AdamW(params, **HYPER, fused=True))
     opts = {name: make() for name, make in makers.items()}
     times: dict[str, list[float]] = {name: [] for name in opts}
     for r in range(args.warmup + args.rounds):

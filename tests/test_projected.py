@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +18,8 @@ from helpers import PATHS, path_kwargs
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from torch_adamp import SGDP, AdamP, Projected
+from torch_adamp import SGDP, AdamP, Projected, projection
+from torch_adamp.engine import fused
 
 SHAPES = ((8, 3, 3, 3), (6, 4, 3, 3), (10, 5), (12, 7), (7,))
 INNER = {"single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
@@ -39,7 +41,36 @@ def _grads(params: list[nn.Parameter], step: int) -> list[Tensor]:
     out[1] = out[1] - (out[1] * w1).sum() / (w1 * w1).sum() * w1
     out[1].reshape(6, -1)[:, 0] += 3 * w1.reshape(6, -1)[:, 0].sign()  # per-row cosines above the channel threshold
     out[1] = out[1] - (out[1] * w1).sum() / (w1 * w1).sum() * w1
+    out[2] = out[2] + params[2].detach()  # a large radial part: neither view
     return out
+
+
+@pytest.fixture(params=["plain", "rows", "torch"])
+def row_sums(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The three ways Projected computes its step: ``plain`` (the CPU default for plain float tensors: the
+    copy, row sums and decision before the inner step, the projection after it by csrc/projected.h),
+    ``rows`` (the decision after the step from the native one-sweep row sums: sharded or half-precision
+    tensors) and ``torch`` (torch operations: other devices, no C compiler). The test fails if the native
+    way it names never ran."""
+    if request.param != "plain":
+        monkeypatch.setattr(fused, "projected_takes", lambda *args: False)
+    if request.param == "torch":
+        monkeypatch.setattr(fused, "projected_row_sums", lambda *args: None)
+        yield "torch"
+        return
+    if not fused.native_available():
+        pytest.skip("no native kernels")
+    name = "projected_before" if request.param == "plain" else "projected_row_sums"
+    native, used = getattr(fused, name), []
+
+    def spy(*args: Any) -> Tensor | None:
+        out = native(*args)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fused, name, spy)
+    yield str(request.param)
+    assert any(used)
 
 
 def _views(opt: Any) -> dict[str, float]:
@@ -58,7 +89,7 @@ def _set_grads(params: list[nn.Parameter], grads: list[Tensor]) -> None:
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("inner", sorted(INNER))
 @pytest.mark.parametrize("path", sorted(PATHS))
-def test_projected_adamw_is_adamp(path: str, inner: str, weight_decay: float) -> None:
+def test_projected_adamw_is_adamp(path: str, inner: str, weight_decay: float, row_sums: str) -> None:
     pa, pb = _params(), _params()
     hyper = {"lr": 0.05, "betas": (0.8, 0.95), "eps": 1e-8, "weight_decay": weight_decay}
     a = AdamP(pa, **hyper, track_stats=True, **path_kwargs(path))
@@ -83,7 +114,7 @@ def test_projected_adamw_is_adamp(path: str, inner: str, weight_decay: float) ->
     assert seen == {0.0, 1.0, 2.0}  # none, channel and layer all occurred
 
 
-def test_projected_adamw_update_is_adamp_update_float64() -> None:
+def test_projected_adamw_update_is_adamp_update_float64(row_sums: str) -> None:
     """In float64 the recovered update itself matches (float32 recovers it to eps32 |w| / |update|)."""
     pa, pb = _params(torch.float64), _params(torch.float64)
     hyper = {"lr": 1e-3, "weight_decay": 0.1}
@@ -102,7 +133,9 @@ def test_projected_adamw_update_is_adamp_update_float64() -> None:
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("inner", ["single", "foreach"])
 @pytest.mark.parametrize("path", sorted(PATHS))
-def test_projected_sgd_is_sgdp_without_momentum_projection(path: str, inner: str, nesterov: bool) -> None:
+def test_projected_sgd_is_sgdp_without_momentum_projection(
+    path: str, inner: str, nesterov: bool, row_sums: str
+) -> None:
     """With dampening 0, torch's first-step buffer ``b = g`` equals SGDP's ``b = momentum * 0 + g``: equal
     from step 1. Each later step starts from a shared state (weights and buffer copied)."""
     pa, pb = _params(), _params()
@@ -149,7 +182,7 @@ def test_projected_sgd_with_dampening_matches_from_step_two() -> None:
             assert max(rels) <= 1e-6
 
 
-def test_not_projected_weights_keep_the_inner_result_bitwise() -> None:
+def test_not_projected_weights_keep_the_inner_result_bitwise(row_sums: str) -> None:
     pa, pb = _params(), _params()
     inner_a = torch.optim.AdamW(pa, lr=0.05, weight_decay=0.1)
     b = Projected(torch.optim.AdamW(pb, lr=0.05, weight_decay=0.1), track_stats=True)
@@ -391,13 +424,19 @@ def test_compare_accepts_wrapped_optimizers() -> None:
 
     assert compare.OPTIMIZERS == ("sgd", "sgdp", "adamw", "adamp")  # the default set is unchanged
     assert cli._optimizer_list("adafactor, adafactor+p,radam+P") == ["adafactor", "adafactor+p", "radam+p"]
-    with pytest.raises(Exception, match="lion"):
-        cli._optimizer_list("lion+p")
+    assert cli._optimizer_list("lion,lion+p,adamw8bit+p") == ["lion", "lion+p", "adamw8bit+p"]
+    with pytest.raises(Exception, match="unknown"):
+        cli._optimizer_list("lamb+p")
     model, cfg = compare.make_model(4), compare.Config()
     for name, cls in (("adafactor", torch.optim.Adafactor), ("radam", torch.optim.RAdam), ("nadam", torch.optim.NAdam)):
         plain, wrapped = compare.make_optimizer(name, model, cfg), compare.make_optimizer(f"{name}+p", model, cfg)
         assert type(plain) is cls and isinstance(wrapped, Projected) and type(wrapped.inner) is cls
         assert compare.LABELS[f"{name}+p"].endswith("+P")
+    for name, module, cls_name in (("lion", "lion_pytorch", "Lion"), ("adamw8bit", "torchao.optim", "AdamW8bit")):
+        cls = getattr(pytest.importorskip(module), cls_name)
+        plain, wrapped = compare.make_optimizer(name, model, cfg), compare.make_optimizer(f"{name}+p", model, cfg)
+        assert type(plain) is cls and isinstance(wrapped, Projected) and type(wrapped.inner) is cls
+        assert compare.BASELINE_CLASSES[f"{name}+p"] == f"torch_adamp.Projected({module}.{cls_name})"
 
 
 def test_grad_scaler_unscales_and_skips_like_the_inner_optimizer() -> None:
@@ -422,3 +461,120 @@ def test_grad_scaler_unscales_and_skips_like_the_inner_optimizer() -> None:
         q.grad = torch.full_like(q, float("inf"))
     scaler.step(b)  # an inf gradient: the step is skipped
     assert all(torch.equal(q, w) for q, w in zip(pb, before, strict=True))
+
+
+def _adamw8bit(params: Any, **kw: Any) -> torch.optim.Optimizer:
+    """torchao's AdamW8bit (skipped without torchao). Its step compiles each parameter's update, which takes
+    minutes to warm up on a CPU: the test replaces ``torch.compile`` by the identity, the same math eagerly
+    through the same 8-bit state."""
+    optim = pytest.importorskip("torchao.optim")
+    return optim.AdamW8bit(params, **kw)
+
+
+EIGHT_BIT_SHAPES = ((16, 32, 3, 3), (32, 16, 3, 3), (64, 128), (16,))
+
+
+@pytest.mark.parametrize("name", ["lion", "adamw8bit"])
+def test_projected_step_is_the_projection_of_the_inner_step(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the same weights and state, ``Projected(inner)`` gives the inner optimizer's own step with the
+    radial part removed (per row for tensor 0, whose gradient is orthogonal to every row; the whole tensor
+    for tensor 1; nothing for the others) and its decoupled decay times wd_ratio, within float32 rounding.
+    Lion's and AdamW8bit's states do not depend on the weights, so the two runs keep the same state. With
+    AdamW8bit the weights have at least 4096 elements, so that their moments are 8-bit (torchao)."""
+    if name == "adamw8bit":
+        monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+        make = lambda ps: _adamw8bit(ps, lr=1e-2, weight_decay=0.1)
+    else:
+        make = lambda ps: _lion(ps, lr=1e-3, weight_decay=0.1)
+    torch.manual_seed(0)
+    pa = [nn.Parameter(torch.randn(s)) for s in EIGHT_BIT_SHAPES]
+    pb = [nn.Parameter(p.detach().clone()) for p in pa]
+    ref, opt = make(pa), Projected(make(pb), track_stats=True)
+    lr, wd, ratio = 0.0, 0.1, 0.1
+    for step in range(3):
+        lr = opt.param_groups[0]["lr"]
+        grads = _orthogonal_grads(pa, step)
+        _set_grads(pa, grads)
+        _set_grads(pb, grads)
+        w0 = [p.detach().clone() for p in pb]
+        ref.step()
+        opt.step()
+        assert list(_views(opt).values()) == [1.0, 2.0, 0.0, 0.0]
+        if name == "adamw8bit" and step == 0:
+            assert type(ref.state[pa[0]]["exp_avg"]).__name__ == "OptimState8bit"
+        for i, (w, p, q) in enumerate(zip(w0, pa, pb, strict=True)):
+            if i >= 2:
+                assert torch.equal(p, q)  # not projected: the inner result bit for bit
+                continue
+            d = ((1 - lr * wd) * w - p.detach()).double()
+            rows = w.double().reshape(w.shape[0], -1) if i == 0 else w.double().reshape(1, -1)
+            dr = d.reshape(rows.shape)
+            c = (rows * dr).sum(1, keepdim=True) / (rows.norm(dim=1, keepdim=True) + 1e-8) ** 2
+            expected = ((1 - lr * wd * ratio) * rows - (dr - c * rows)).reshape(w.shape)
+            assert _rel(q.detach(), expected) <= 1e-6
+            assert _rel(q.detach() - w, expected - w.double()) <= 1e-4  # the step itself, not only the weight
+        with torch.no_grad():
+            for p, q in zip(pa, pb, strict=True):
+                p.copy_(q)  # the same weights again for the next step
+
+
+def _orthogonal_grads(params: list[nn.Parameter], step: int) -> list[Tensor]:
+    """Tensor 0: orthogonal to each row (channel view); tensor 1: to the whole tensor but not its rows
+    (layer view); tensor 2 with a large radial part (not projected); the others generic."""
+    g = torch.Generator().manual_seed(200 + step)
+    out = [torch.randn(p.shape, generator=g) for p in params]
+    w0, g0 = params[0].detach().reshape(params[0].shape[0], -1), out[0].reshape(params[0].shape[0], -1)
+    g0 -= (g0 * w0).sum(1, keepdim=True) / (w0 * w0).sum(1, keepdim=True) * w0
+    w1 = params[1].detach()
+    out[1].reshape(w1.shape[0], -1)[:, 0] += 3 * w1.reshape(w1.shape[0], -1)[:, 0].sign()
+    out[1] = out[1] - (out[1] * w1).sum() / (w1 * w1).sum() * w1
+    out[2] = out[2] + params[2].detach()  # a large radial part: neither view
+    return out
+
+
+@pytest.mark.skipif(not fused.native_available(), reason="no native kernels")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_row_sums_are_the_torch_row_sums(dtype: torch.dtype, threads: int) -> None:
+    """The kernel's one sweep gives the row sums of (w_b, g, scale w_b - w_a) that torch computes from the
+    materialised update (to float rounding: another summation order), with rows large enough to be split
+    across threads; tensors it cannot read as raw buffers are left to torch (``None``)."""
+    torch.manual_seed(0)
+    shapes = ((3, 5), (40, 1000), (7, 2, 3, 3), (1, 9))
+    wb = [torch.randn(s, dtype=dtype) for s in shapes]
+    g = [torch.randn(s, dtype=dtype) for s in shapes]
+    wa = [w - 1e-3 * torch.randn(s, dtype=dtype) for w, s in zip(wb, shapes, strict=True)]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for scale in (1.0, 0.999):
+            got = fused.projected_row_sums(wb, g, wa, scale)
+            assert got is not None and got.dtype == dtype and got.shape == (sum(s[0] for s in shapes), 4)
+            if scale == 1.0:
+                u = torch._foreach_sub(wb, wa)
+            else:
+                u = torch._foreach_mul(wb, scale)
+                torch._foreach_sub_(u, wa)
+            want = projection.channel_row_sums(wb, g, u)
+            tol = 1e-5 if dtype == torch.float32 else 1e-13
+            nw, ng, nu = (torch.cat([x.reshape(x.shape[0], -1).norm(dim=1) for x in xs]) for xs in (wb, g, u))
+            bound = torch.stack([nw * ng, nw * nw, ng * ng, nw * nu], 1)  # |<a,b>| <= |a| |b|
+            assert ((got - want).abs() <= tol * bound).all()
+            # the two-sweep form: the copy and the first three sums before the step, the projection after it
+            bufs = [torch.empty_like(w) for w in wb]
+            before = fused.projected_before(wb, g, bufs)
+            assert all(torch.equal(b, w) for b, w in zip(bufs, wb, strict=True))
+            assert ((before[:, :3] - want[:, :3]).abs() <= tol * bound[:, :3]).all() and not before[:, 3].any()
+            for mode in ("channel", "layer", False):
+                coefs, view, _ = projection.coefficients_from_row_sums(wb, want, delta=0.1, eps=1e-8, mode=mode)
+                projected = [(view[i] > 0).to(dtype) * 0.01 for i in range(len(wb))]
+                triples = zip(wa, wb, coefs, projected, strict=True)
+                expected = [a + (c + e) * b for a, b, c, e in triples]
+                got_w = [a.clone() for a in wa]
+                fused.projected_after(bufs, got_w, before.clone(), view, scale, 1e-8, 0.01)
+                for x, y in zip(got_w, expected, strict=True):
+                    assert _rel(x, y) <= 10 * tol and (mode is not False or torch.equal(x, y))
+    finally:
+        torch.set_num_threads(old)
+    assert fused.projected_row_sums([wb[1].t()], [g[1].t()], [wa[1].t()], 1.0) is None  # not contiguous
+    assert fused.projected_row_sums(wb, g, wa, torch.tensor(1.0)) is None  # a tensor scale: torch's operations

@@ -45,7 +45,7 @@ from typing import Any
 
 #: the C sources (torch_adamp/csrc), compiled as one translation unit: kernels.c includes the others
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("torch_adamp.h", "common.h", "rows.h", "adamp.h", "sgdp.h", "kernels.c")
+SOURCES = ("torch_adamp.h", "common.h", "rows.h", "adamp.h", "sgdp.h", "projected.h", "kernels.c")
 
 
 def source() -> str:
@@ -310,6 +310,23 @@ class Args(ctypes.Structure):
     ]
 
 
+class RowsArgs(ctypes.Structure):
+    """``ta_rows_args`` of csrc/torch_adamp.h: the argument of ``torch_adamp_projected_rows``."""
+
+    _fields_ = [
+        ("n", ctypes.c_int64),
+        ("ptrs", ctypes.c_void_p),
+        ("meta", ctypes.c_void_p),
+        ("scale", ctypes.c_double),
+        ("eps", ctypes.c_double),
+        ("extra", ctypes.c_double),
+        ("threads", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+        ("out", ctypes.c_void_p),
+        ("views", ctypes.c_void_p),
+    ]
+
+
 def _bind(lib: ctypes.CDLL) -> None:
     for rule in ("adamp", "sgdp"):
         for sfx in ("f32", "f64"):
@@ -319,6 +336,11 @@ def _bind(lib: ctypes.CDLL) -> None:
             fn = getattr(lib, f"torch_adamp_{rule}_spare_{sfx}")
             fn.restype = ctypes.c_int64
             fn.argtypes = [ctypes.POINTER(Args)]
+    for name in ("rows", "before", "after"):
+        for sfx in ("f32", "f64"):
+            fn = getattr(lib, f"torch_adamp_projected_{name}_{sfx}")
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.POINTER(RowsArgs)]
 
 
 def load() -> ctypes.CDLL | None:
@@ -373,6 +395,13 @@ def load() -> ctypes.CDLL | None:
 def extra_flags() -> tuple[str, ...]:
     """Compiler flags added from ``$TORCH_ADAMP_NATIVE_CFLAGS`` (e.g. sanitizers in CI); part of the cache key."""
     return tuple(os.environ.get("TORCH_ADAMP_NATIVE_CFLAGS", "").split())
+
+
+def projected(name: str, float64: bool) -> Any:
+    """``torch_adamp.Projected``'s C function ``name`` (rows, before, after) for float64 or float32 (loaded)."""
+    lib = load()
+    assert lib is not None
+    return getattr(lib, f"torch_adamp_projected_{name}_{'f64' if float64 else 'f32'}")
 
 
 def kernel(rule: str, float64: bool) -> tuple[Any, Any]:

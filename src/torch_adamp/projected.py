@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import distributed, projection
-from .engine import precision
+from .engine import fused, precision
 from .optimizer import TrackStats, _check_nonneg, reused_copies
 
 __all__ = ["Projected"]
@@ -63,7 +63,11 @@ class Projected(TrackStats, Optimizer):
     ``c_i = <w_i, d_i> / (||w_i|| + eps)^2``, ``0`` when not projected). It is
     computed as ``w <- w_a + k w_b`` with ``k = c + lr wd (1 - wd_ratio)`` on
     projected rows and ``k = 0`` elsewhere, so a weight that is not projected
-    keeps the inner optimizer's result bit for bit. With ``torch.optim.AdamW``
+    keeps the inner optimizer's result bit for bit. For plain float32/float64
+    CPU tensors the copy, the test's row sums and the decision are one native
+    sweep before ``inner.step()`` (they need only ``w_b`` and ``g``), and the
+    channel projection one sweep after it (``d`` never stored); sharded and
+    other tensors are decided after the step from the same sums. With ``torch.optim.AdamW``
     this is AdamP, and with ``torch.optim.SGD(momentum, nesterov=True)`` it is
     ``SGDP(..., project_momentum=False)`` (tests/test_projected.py).
 
@@ -276,21 +280,47 @@ class Projected(TrackStats, Optimizer):
             with torch.enable_grad():
                 loss = closure()
         before = self._stats_before()
-        jobs = []
+        jobs, plain = [], []
         for group in self.param_groups:
             if group["scale_invariant"] is False:
                 continue
             params = [p for p in group["params"] if p.grad is not None and projection.projectable_shape(p.shape)]
-            if params:
-                grads = [p.grad for p in params]
-                if type(self.inner).__name__ in MUTATES_GRADS:
-                    grads = reused_copies(grads, self._pre_grad, params)
-                jobs.append((group, params, grads, reused_copies(params, self._pre, params)))
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if fused.projected_takes(params, grads, group["lr"]):
+                # plain CPU tensors: copy and decide now (w_b and g are all the test needs), project after
+                befores = self._buffers(params)
+                sums = fused.projected_before(params, grads, befores)
+                _, view, _ = projection.coefficients_from_row_sums(
+                    befores, sums, delta=group["delta"], eps=group["projection_eps"], mode=group["scale_invariant"]
+                )
+                plain.append((group, params, befores, sums, view))
+                continue
+            if type(self.inner).__name__ in MUTATES_GRADS:
+                grads = reused_copies(grads, self._pre_grad, params)
+            jobs.append((group, params, grads, reused_copies(params, self._pre, params)))
         self.inner.step()
         views: dict[Tensor, Tensor] = {}
+        for group, params, befores, sums, view in plain:
+            lr, ratio = group["lr"], group["wd_ratio"]
+            wd = group.get("weight_decay", 0) if self._decay_kind(group) else 0
+            scale = 1 - lr * wd if wd else 1.0
+            fused.projected_after(befores, params, sums, view, scale, group["projection_eps"], lr * wd * (1 - ratio))
+            views.update(zip(params, view.unbind(0), strict=True))
         distributed.run_group_steps(self._project_group, [(*job, views) for job in jobs])
         self._stats_after(before, views)
         return loss
+
+    def _buffers(self, params: list[Tensor]) -> list[Tensor]:
+        """The reused pre-step buffers of ``params`` (contiguous, filled by the caller)."""
+        bufs = []
+        for p in params:
+            buf = self._pre.get(p)
+            if buf is None or (buf.shape, buf.dtype, buf.device) != (p.shape, p.dtype, p.device):
+                buf = self._pre[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
+            bufs.append(buf)
+        return bufs
 
     def _project_group(
         self,
@@ -331,16 +361,20 @@ class Projected(TrackStats, Optimizer):
         dist: Any,
     ) -> Tensor:
         """``w_a <- w_a + k w_b`` (see the class docstring); returns the view codes."""
-        # d = (1 - lr wd) w_b - w_a: the inner update without its decoupled decay
-        if wd:
-            d = list(torch._foreach_mul(list(w_b), 1 - lr * wd))
-            torch._foreach_sub_(d, list(w_a))
-        else:
-            d = list(torch._foreach_sub(list(w_b), list(w_a)))
-        coefs, view, _ = projection.projection_coefficients(
+        # d = (1 - lr wd) w_b - w_a: the inner update without its decoupled decay; its row sums with w_b and
+        # g in one sweep by the native kernel (d never materialised), else with torch operations
+        sums = fused.projected_row_sums(w_b, g, w_a, 1 - lr * wd if wd else 1.0)
+        if sums is None:
+            if wd:
+                d = list(torch._foreach_mul(list(w_b), 1 - lr * wd))
+                torch._foreach_sub_(d, list(w_a))
+            else:
+                d = list(torch._foreach_sub(list(w_b), list(w_a)))
+            sums = projection.channel_row_sums(w_b, g, d)
+            del d
+        coefs, view, _ = projection.coefficients_from_row_sums(
             w_b,
-            g,
-            d,
+            sums,
             delta=group["delta"],
             eps=group["projection_eps"],
             mode=group["scale_invariant"],

@@ -190,9 +190,21 @@ def projection_coefficients(
     ``||g||^2``, ``<p,u>``), then, only if some ``rows_split[i]``, the 4 row
     sums of every row of those tensors, in order.
     """
-    n = len(params)
-    device, dtype = params[0].device, params[0].dtype
-    shapes = [tuple(p.shape) for p in params] if global_shapes is None else [tuple(s) for s in global_shapes]
+    return coefficients_from_row_sums(
+        params,
+        channel_row_sums(params, grads, updates),
+        delta=delta,
+        eps=eps,
+        mode=mode,
+        global_shapes=global_shapes,
+        rows_split=rows_split,
+        all_reduce=all_reduce,
+    )
+
+
+def channel_row_sums(params: Sequence[Tensor], grads: Sequence[Tensor], updates: Sequence[Tensor]) -> Tensor:
+    """Per row (channel view) of every tensor, rows of all tensors in order: ``<w,g>, ||w||^2, ||g||^2,
+    <w,u>`` as a ``(total rows, 4)`` tensor (the first step of :func:`projection_coefficients`)."""
     rows = [p.shape[0] for p in params]  # local rows
     row_len = [math.prod(p.shape[1:]) for p in params]  # local row length
     flat_p = [p.reshape(r, d) for p, r, d in zip(params, rows, row_len, strict=True)]
@@ -204,7 +216,27 @@ def projection_coefficients(
     g_norm = torch.cat([torch.linalg.vector_norm(x, dim=1) for x in flat_g])
     pg = torch.cat([torch.linalg.vecdot(x, y, dim=1) for x, y in zip(flat_p, flat_g, strict=True)])
     pu = torch.cat([torch.linalg.vecdot(x, y, dim=1) for x, y in zip(flat_p, flat_u, strict=True)])
-    row_sums = torch.stack([pg, p_norm * p_norm, g_norm * g_norm, pu], dim=1)
+    return torch.stack([pg, p_norm * p_norm, g_norm * g_norm, pu], dim=1)
+
+
+def coefficients_from_row_sums(
+    params: Sequence[Tensor],
+    row_sums: Tensor,
+    *,
+    delta: float,
+    eps: float,
+    mode: ScaleInvariant = "auto",
+    global_shapes: Sequence[Sequence[int]] | None = None,
+    rows_split: Sequence[bool] | None = None,
+    all_reduce: AllReduce | None = None,
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """:func:`projection_coefficients` from the row sums of :func:`channel_row_sums` (in the dtype and on the
+    device of ``params``, of which only the shapes, device and dtype are read): the decisions, the one
+    packed ``all_reduce`` and the coefficients, with the same protocol and results."""
+    n = len(params)
+    device, dtype = params[0].device, params[0].dtype
+    shapes = [tuple(p.shape) for p in params] if global_shapes is None else [tuple(s) for s in global_shapes]
+    rows = [p.shape[0] for p in params]  # local rows
 
     counts = torch.tensor(rows, device=device)
     total_rows = sum(rows)

@@ -13,6 +13,7 @@
 #include "rows.h"
 #include "adamp.h"
 #include "sgdp.h"
+#include "projected.h"
 #undef T
 #undef SQRT
 #undef FMA
@@ -29,6 +30,7 @@
 #include "rows.h"
 #include "adamp.h"
 #include "sgdp.h"
+#include "projected.h"
 #undef T
 #undef SQRT
 #undef FMA

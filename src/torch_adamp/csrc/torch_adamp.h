@@ -49,6 +49,18 @@ typedef struct {
     int64_t spec_right, spec_wrong;  /* speculative sweeps of this call whose guess held / failed */
 } ta_args;
 
+/* torch_adamp.Projected's row sums (csrc/projected.h): one call for n same-type tensors */
+typedef struct {
+    int64_t n;           /* number of tensors */
+    const int64_t* ptrs; /* data pointers: n weights before the step, n grads, n weights after it */
+    const int64_t* meta; /* n numels, then n row counts (each >= 1) */
+    double scale;        /* the update is scale * w_before - w_after */
+    double eps, extra;   /* projected_after: the projection's norm floor, the decay added to k when projected */
+    int32_t threads, reserved;
+    void* out;           /* (total rows, 4) of the element type: <w,g>, ||w||^2, ||g||^2, <w,u> per row */
+    const int64_t* views; /* projected_after: n view codes, taken before the step */
+} ta_rows_args;
+
 /* 0, or -1 when a scratch allocation failed (then nothing was modified) */
 int torch_adamp_adamp_f32(ta_args* a);
 int torch_adamp_adamp_f64(ta_args* a);
@@ -58,4 +70,10 @@ int64_t torch_adamp_adamp_spare_f32(const ta_args* a);
 int64_t torch_adamp_adamp_spare_f64(const ta_args* a);
 int64_t torch_adamp_sgdp_spare_f32(const ta_args* a);
 int64_t torch_adamp_sgdp_spare_f64(const ta_args* a);
+int torch_adamp_projected_rows_f32(const ta_rows_args* a);
+int torch_adamp_projected_rows_f64(const ta_rows_args* a);
+int torch_adamp_projected_before_f32(const ta_rows_args* a);
+int torch_adamp_projected_before_f64(const ta_rows_args* a);
+int torch_adamp_projected_after_f32(const ta_rows_args* a);
+int torch_adamp_projected_after_f64(const ta_rows_args* a);
 #endif

@@ -28,15 +28,21 @@ from .training import BASELINE_CLASSES, LABELS, OPTIMIZERS, PAIRS, build_optimiz
 
 __all__ = ["BASELINE_CLASSES", "LABELS", "OPTIMIZERS", "PAIRS", "Config", "run"]
 
-#: other torch.optim optimizers ``--optimizers`` accepts, alone or wrapped: ``NAME+p`` is
-#: ``torch_adamp.Projected(NAME)``. RAdam and NAdam use decoupled weight decay (AdamW's hyper-parameters);
-#: Adafactor its own default lr 1e-2 with the AdamW weight decay (decoupled).
-WRAPPABLE = {"adafactor": "Adafactor", "radam": "RAdam", "nadam": "NAdam"}
+#: other optimizers ``--optimizers`` accepts, alone or wrapped: ``NAME+p`` is ``torch_adamp.Projected(NAME)``.
+#: RAdam and NAdam use decoupled weight decay (AdamW's hyper-parameters); Adafactor its own default lr 1e-2
+#: with the AdamW weight decay (decoupled); torchao's AdamW8bit AdamW's hyper-parameters; Lion (lion-pytorch)
+#: ``LION_LR_FACTOR`` times the AdamW lr (its update has unit size per element), betas (0.9, 0.99), and the
+#: AdamW weight decay applied as ``w <- (1 - lr wd) w``. torchao and lion-pytorch: the ``wrapped`` extra.
+WRAPPABLE = {"adafactor": "Adafactor", "radam": "RAdam", "nadam": "NAdam", "adamw8bit": "AdamW8bit", "lion": "Lion"}
+#: where the optimizers of WRAPPABLE come from
+SOURCES = {"adamw8bit": "torchao.optim", "lion": "lion_pytorch"}
 ADAFACTOR_LR = 1e-2
+LION_LR_FACTOR = 0.1
 for _name, _cls in WRAPPABLE.items():
+    _where = SOURCES.get(_name, "torch.optim")
     LABELS[_name], LABELS[f"{_name}+p"] = _cls, f"{_cls}+P"
-    BASELINE_CLASSES[_name] = f"torch.optim.{_cls}"
-    BASELINE_CLASSES[f"{_name}+p"] = f"torch_adamp.Projected(torch.optim.{_cls})"
+    BASELINE_CLASSES[_name] = f"{_where}.{_cls}"
+    BASELINE_CLASSES[f"{_name}+p"] = f"torch_adamp.Projected({_where}.{_cls})"
 #: each wrapped optimizer and its Projected version (plotted like PAIRS when both ran)
 WRAPPED_PAIRS = tuple((w, f"{w}+p") for w in WRAPPABLE)
 #: every name ``--optimizers`` accepts (the default set is OPTIMIZERS)
@@ -100,6 +106,14 @@ def make_optimizer(name: str, model: nn.Module, cfg: Config) -> torch.optim.Opti
             inner: torch.optim.Optimizer = torch.optim.Adafactor(
                 params, lr=ADAFACTOR_LR, weight_decay=cfg.adam_weight_decay
             )
+        elif base == "adamw8bit":
+            from torchao.optim import AdamW8bit
+
+            inner = AdamW8bit(params, lr=cfg.adam_lr, betas=cfg.betas, weight_decay=cfg.adam_weight_decay)
+        elif base == "lion":
+            from lion_pytorch import Lion
+
+            inner = Lion(params, lr=cfg.adam_lr * LION_LR_FACTOR, weight_decay=cfg.adam_weight_decay)
         else:
             cls = getattr(torch.optim, WRAPPABLE[base])
             inner = cls(
