@@ -63,7 +63,9 @@ class Scaling:
     tensor and step counter bit for bit as it was, with no host read, so that it is predicated:
 
     * the gradient becomes ``-0.0`` (``torch.where``, since ``inf * 0`` is NaN): every state update
-      ``s <- a s + b g`` then adds ``-0.0``, and ``x + (-0.0) == x`` for every ``x``, signed zeros included;
+      ``s <- a s + b g`` then adds ``-0.0``, and ``x + (-0.0) == x`` for every ``x``, signed zeros included
+      (Adam's ``v <- b2 v + (1 - b2) g^2`` adds ``+0.0``, which changes no value ``v`` can hold: a sum
+      of squares from ``+0.0`` is never ``-0.0``);
     * the multiplicative factors of the state (``beta1``, ``beta2``, ``momentum``) and of the weights
       (the decay factor) become 1;
     * the final update becomes ``+0.0`` (``w - (+0.0) == w`` and ``w + (-s) (+0.0) == w``);
@@ -83,7 +85,11 @@ class Scaling:
     @staticmethod
     def of(o: Any, device: torch.device) -> Scaling | None:
         """The scaling of options ``o`` on ``device``, or ``None`` without GradScaler (every path unchanged)."""
-        gs, fi = getattr(o, "grad_scale", None), getattr(o, "found_inf", None)
+        return Scaling.from_tensors(getattr(o, "grad_scale", None), getattr(o, "found_inf", None), device)
+
+    @staticmethod
+    def from_tensors(gs: Tensor | None, fi: Tensor | None, device: torch.device) -> Scaling | None:
+        """The scaling of GradScaler's ``grad_scale`` and ``found_inf`` on ``device`` (``None`` without both)."""
         if gs is None and fi is None:
             return None
         inv = None
