@@ -97,7 +97,7 @@ class AdamPRule(Rule):
             torch._foreach_mul_(V, b2)
         else:  # GradScaler: the counters advance unless skipped; corrections of the counts if taken
             counts = list(torch._foreach_add(steps, 1.0))
-            torch._foreach_add_(steps, amp.increment(steps[0]))
+            torch._foreach_add_(steps, [amp.increment(steps[0])] * len(steps))  # a list: no .item() on the CPU
             torch._foreach_mul_(M, amp.factor(b1, 1.0))
             torch._foreach_mul_(V, amp.factor(b2, 1.0))
         torch._foreach_add_(M, g, alpha=1 - b1)
