@@ -194,14 +194,14 @@ def test_the_scaler_takes_the_protocol() -> None:
         seen = []
         step = opt.step
 
-        def spy(*a: Any, step: Callable[..., Any] = step, opt: Any = opt, **k: Any) -> Any:
+        def spy(*a: Any, step: Callable[..., Any] = step, opt: Any = opt, seen: list[Any] = seen, **k: Any) -> Any:
             seen.append((getattr(opt, "grad_scale", "absent"), getattr(opt, "found_inf", "absent")))
             return step(*a, **k)
 
         opt.step = spy  # type: ignore[method-assign]
         scaler = scaler_of(2.0**8)
         scaled_step(scaler, opt, ps, grads(0, ps))
-        (gs, fi), = seen
+        ((gs, fi),) = seen
         assert isinstance(gs, torch.Tensor) and gs.dim() == 0 and float(gs) == 2.0**8
         assert isinstance(fi, torch.Tensor) and fi.dim() == 0 and float(fi) == 0.0
         assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
@@ -245,7 +245,11 @@ def test_a_real_backward(path: str, compile_counter: Any) -> None:
     def train(scaled: bool, kwargs: dict[str, Any]) -> list[torch.Tensor]:
         torch.manual_seed(0)
         model = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 36, 4)
+            torch.nn.Conv2d(3, 8, 3),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(8 * 36, 4),
         )
         opt = torch_adamp.AdamP(model.parameters(), lr=1e-2, weight_decay=1e-2, **kwargs)
         scaler = scaler_of(2.0**16, growth_interval=1)
@@ -275,7 +279,9 @@ def test_a_real_backward(path: str, compile_counter: Any) -> None:
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
 @pytest.mark.parametrize(("cls", "kw", "path"), cases())
-def test_a_skipped_step_changes_nothing(cls: type, kw: dict[str, Any], path: str, bad: float, compile_counter: Any) -> None:
+def test_a_skipped_step_changes_nothing(
+    cls: type, kw: dict[str, Any], path: str, bad: float, compile_counter: Any
+) -> None:
     """After 3 steps, a step with one bad gradient element (on the projected large tensor: the kernel's
     speculative sweep) leaves every parameter, state tensor and step counter bit for bit, signed zeros
     included (planted: ``w + 0.0`` would turn ``-0.0`` into ``+0.0``; not in ``exp_avg_sq``, a sum of
@@ -438,7 +444,8 @@ class HostReadsOfTaint(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        dirty = any(self.tainted(t) for t in inputs) or func is torch.ops.aten._amp_foreach_non_finite_check_and_unscale_.default
+        check = torch.ops.aten._amp_foreach_non_finite_check_and_unscale_.default  # writes found_inf
+        dirty = any(self.tainted(t) for t in inputs) or func is check
         if func in HOST_READS:
             self.reads += 1
             if dirty:
@@ -554,7 +561,12 @@ def test_compile_back_end_no_host_read(cls: type, compile_counter: Any) -> None:
                 p.grad = g * scale
             saved = {n: getattr(torch.Tensor, n) for n in names}
             for n in names:
-                setattr(torch.Tensor, n, lambda self, *a, n=n, **k: calls.append(n) or saved[n](self, *a, **k))
+
+                def watch(self: torch.Tensor, *a: Any, n: str = n, f: Any = saved[n], **k: Any) -> Any:
+                    calls.append(n)
+                    return f(self, *a, **k)
+
+                setattr(torch.Tensor, n, watch)
             try:
                 scaler.step(opt)
             finally:

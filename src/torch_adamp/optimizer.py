@@ -45,9 +45,8 @@ def amp_attributes(opt: Any) -> tuple[Tensor | None, Tensor | None]:
     out = []
     for name in ("grad_scale", "found_inf"):
         t = getattr(opt, name, None)
-        if t is not None and not (
-            isinstance(t, Tensor) and t.numel() == 1 and not t.is_complex() and (t.is_floating_point() or t.dtype == torch.bool)
-        ):
+        real = isinstance(t, Tensor) and (t.is_floating_point() or t.dtype == torch.bool)
+        if t is not None and not (real and t.numel() == 1):
             raise ValueError(
                 f"Invalid {name} value: {t!r}; GradScaler's protocol sets a one-element float tensor (or None)"
             )

@@ -240,7 +240,7 @@ class Projected(TrackStats, Optimizer):
 
     # -- the step ------------------------------------------------------------------------
     @property
-    def _step_supports_amp_scaling(self) -> bool:  # type: ignore[override]
+    def _step_supports_amp_scaling(self) -> bool:
         """GradScaler's protocol: supported exactly when ``inner`` supports it (see the class docstring)."""
         return bool(getattr(self.inner, "_step_supports_amp_scaling", False))
 

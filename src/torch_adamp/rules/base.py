@@ -127,10 +127,12 @@ class Scaling:
         """The final update: ``u``, or ``+0.0`` on a skipped step."""
         return u if self.skip is None else torch.where(self.skip, 0.0, u)
 
-    def increment(self, like: Tensor) -> Tensor | float:
-        """What a step counter ``like`` advances by: 1, or 0 on a skipped step (on the counter's device)."""
+    def increment(self, like: Tensor) -> Tensor:
+        """What a step counter ``like`` advances by: 1, or 0 on a skipped step (a 0-d tensor on the counter's
+        device; a counter on the host with ``skip`` on an accelerator would copy it back: the optimizer moves
+        such counters to the device first)."""
         if self.skip is None:
-            return 1.0
+            return torch.ones((), dtype=like.dtype, device=like.device)
         return (~self.skip).to(device=like.device, dtype=like.dtype)
 
 
