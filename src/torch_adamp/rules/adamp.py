@@ -90,17 +90,18 @@ class AdamPRule(Rule):
         M, V = state
         assert steps is not None
         b1, b2, lr = o.beta1, o.beta2, o.lr
+        b1_m: Scalar = b1
+        b2_v: Scalar = b2
         if amp is None or amp.skip is None:
             torch._foreach_add_(steps, 1.0)
             counts = steps
-            torch._foreach_mul_(M, b1)
-            torch._foreach_mul_(V, b2)
         else:  # GradScaler: the counters advance unless skipped; corrections of the counts if taken
             counts = list(torch._foreach_add(steps, 1.0))
             torch._foreach_add_(steps, [amp.increment(steps[0])] * len(steps))  # a list: no .item() on the CPU
-            torch._foreach_mul_(M, amp.factor(b1, 1.0))
-            torch._foreach_mul_(V, amp.factor(b2, 1.0))
+            b1_m, b2_v = amp.factor(b1, 1.0), amp.factor(b2, 1.0)
+        torch._foreach_mul_(M, b1_m)
         torch._foreach_add_(M, g, alpha=1 - b1)
+        torch._foreach_mul_(V, b2_v)
         torch._foreach_addcmul_(V, g, g, value=1 - b2)
 
         denom = torch._foreach_sqrt(V)
