@@ -300,7 +300,7 @@ class ProjectedOptimizer(TrackStats, Optimizer):
             )
         k = len(names)
         o = rule.options(group)
-        if scaling != (None, None):
+        if scaling[0] is not None or scaling[1] is not None:
             o = dataclasses.replace(o, grad_scale=scaling[0], found_inf=scaling[1])
         engine.step(
             rule,

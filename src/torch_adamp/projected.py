@@ -252,7 +252,7 @@ class Projected(TrackStats, Optimizer):
             with torch.enable_grad():
                 loss = closure()
         scaling = amp_attributes(self)  # set by GradScaler.step only when inner supports the protocol
-        if scaling != (None, None) and not self._step_supports_amp_scaling:
+        if (scaling[0] is not None or scaling[1] is not None) and not self._step_supports_amp_scaling:
             raise ValueError(
                 f"grad_scale/found_inf are set on Projected, but {type(self.inner).__name__} does not implement "
                 "GradScaler's protocol (_step_supports_amp_scaling); let GradScaler unscale and skip instead"
@@ -276,7 +276,7 @@ class Projected(TrackStats, Optimizer):
 
     def _inner_step(self, scaling: tuple[Tensor | None, Tensor | None]) -> None:
         """``inner.step()``, with GradScaler's ``grad_scale`` and ``found_inf`` forwarded for its duration."""
-        if scaling == (None, None):
+        if scaling[0] is None and scaling[1] is None:
             self.inner.step()
             return
         missing = object()
