@@ -307,6 +307,8 @@ class Args(ctypes.Structure):
         ("views", ctypes.c_void_p),
         ("spec_right", ctypes.c_int64),
         ("spec_wrong", ctypes.c_int64),
+        ("grad_scale", ctypes.c_void_p),  # const float*, NULL: no GradScaler scale
+        ("found_inf", ctypes.c_void_p),  # const float*, NULL: no GradScaler skip
     ]
 
 

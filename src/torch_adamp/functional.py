@@ -37,15 +37,20 @@ def adamp(
     scale_invariant: ScaleInvariant = "auto",
     views: list[Tensor | None] | None = None,
     dist: Any = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     """Functional AdamP step (:mod:`torch_adamp.rules.adamp`).
 
     ``views``, if given, receives per parameter a 0-d tensor with the view the
     projection used (:data:`~torch_adamp.projection.NONE`, ``CHANNEL`` or ``LAYER``).
+    ``grad_scale`` / ``found_inf``: GradScaler's protocol, as in ``torch.optim.adam``
+    (gradients divided by ``grad_scale``; nothing changes, counters included, where
+    ``found_inf != 0``), decided on the device (:class:`torch_adamp.rules.Scaling`).
     """
-    o = AdamPOptions(
-        lr, eps, weight_decay, delta, wd_ratio, maximize, scale_invariant, capturable, beta1, beta2, nesterov
-    )
+    o = AdamPOptions(lr=lr, eps=eps, weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio, maximize=maximize,
+                     scale_invariant=scale_invariant, capturable=capturable, grad_scale=grad_scale,
+                     found_inf=found_inf, beta1=beta1, beta2=beta2, nesterov=nesterov)  # fmt: skip
     engine.step(ADAMP, params, grads, [exp_avgs, exp_avg_sqs], state_steps, o,
                 foreach=foreach, fused=fused, views=views, dist=dist)  # fmt: skip
 
@@ -70,8 +75,12 @@ def sgdp(
     scale_invariant: ScaleInvariant = "auto",
     views: list[Tensor | None] | None = None,
     dist: Any = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
-    """Functional SGDP step (:mod:`torch_adamp.rules.sgdp`)."""
-    o = SGDPOptions(lr, eps, weight_decay, delta, wd_ratio, maximize, scale_invariant, False,
-                    momentum, dampening, nesterov, project_momentum)  # fmt: skip
+    """Functional SGDP step (:mod:`torch_adamp.rules.sgdp`); ``grad_scale`` / ``found_inf`` as for :func:`adamp`."""
+    o = SGDPOptions(lr=lr, eps=eps, weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio, maximize=maximize,
+                    scale_invariant=scale_invariant, capturable=False, grad_scale=grad_scale, found_inf=found_inf,
+                    momentum=momentum, dampening=dampening, nesterov=nesterov,
+                    project_momentum=project_momentum)  # fmt: skip
     engine.step(SGDP, params, grads, [momentum_buffers], None, o, foreach=foreach, fused=fused, views=views, dist=dist)

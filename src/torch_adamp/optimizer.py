@@ -10,6 +10,7 @@ runs in the engine (:func:`torch_adamp.engine.step`); the class only holds state
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -36,6 +37,21 @@ def _check_nonneg(name: str, value: Any) -> None:
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 #: group options that must be booleans (a string such as "no" would be truthy)
 BOOL_OPTIONS = ("nesterov", "maximize", "capturable", "track_stats", "fp32_state", "project_momentum", "caution")
+
+
+def amp_attributes(opt: Any) -> tuple[Tensor | None, Tensor | None]:
+    """``(opt.grad_scale, opt.found_inf)`` as GradScaler sets them for ``step()`` (``None`` when absent),
+    checked: ``ValueError`` naming the attribute for anything but a one-element real tensor."""
+    out = []
+    for name in ("grad_scale", "found_inf"):
+        t = getattr(opt, name, None)
+        real = isinstance(t, Tensor) and (t.is_floating_point() or t.dtype == torch.bool)
+        if t is not None and not (real and t.numel() == 1):
+            raise ValueError(
+                f"Invalid {name} value: {t!r}; GradScaler's protocol sets a one-element float tensor (or None)"
+            )
+        out.append(t)
+    return out[0], out[1]
 
 
 def check_lr(lr: Any) -> None:
@@ -178,10 +194,19 @@ class TrackStats:
 
 
 class ProjectedOptimizer(TrackStats, Optimizer):
-    """Base of :class:`~torch_adamp.AdamP` and :class:`~torch_adamp.SGDP`: an optimizer over one rule."""
+    """Base of :class:`~torch_adamp.AdamP` and :class:`~torch_adamp.SGDP`: an optimizer over one rule.
+
+    **GradScaler.** ``_step_supports_amp_scaling = True``: ``torch.amp.GradScaler.step`` sets
+    ``grad_scale`` (``None`` after ``scaler.unscale_``) and ``found_inf`` on the optimizer and calls
+    :meth:`step` unconditionally; the step divides the gradients by ``grad_scale`` and, where
+    ``found_inf != 0``, changes nothing (parameters, state, step counters), every decision taken on the
+    device (:class:`torch_adamp.rules.Scaling`), so the scaler never reads ``found_inf`` to the host.
+    """
 
     #: the optimizer's rule: its options, state, direction and kernel
     rule: ClassVar[Rule]
+    #: GradScaler's protocol (see the class docstring), as torch's fused optimizers implement it
+    _step_supports_amp_scaling: ClassVar[bool] = True
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         checked = {**defaults, "lr": 0.0} if defaults["lr"] is required else defaults  # then checked per group
@@ -245,8 +270,14 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         super().add_param_group(param_group)
 
     # -- the step ----------------------------------------------------------------------
-    def _step_group(self, group: dict[str, Any], params: list[Tensor], views: list[Tensor | None] | None) -> None:
-        """Initialise state and run the engine's step of one group."""
+    def _step_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        views: list[Tensor | None] | None,
+        scaling: tuple[Tensor | None, Tensor | None] = (None, None),
+    ) -> None:
+        """Initialise state and run the engine's step of one group (``scaling``: GradScaler's tensors)."""
         rule = self.rule
         names = rule.state_names
         states = [self.state[p] for p in params]  # one lookup per parameter (Tensor.__hash__ is Python)
@@ -257,7 +288,7 @@ class ProjectedOptimizer(TrackStats, Optimizer):
                 for name in names:
                     state[name] = self._zeros_state(p, group)
         if rule.counts_steps:
-            self._normalise_steps(group, states, params)
+            self._normalise_steps(group, states, params, amp=scaling[1] is not None)
         lists = [[s[name] for s in states] for name in names]
         if rule.counts_steps:
             lists.append([s["step"] for s in states])
@@ -268,13 +299,16 @@ class ProjectedOptimizer(TrackStats, Optimizer):
                 "mean over the whole tensor, which would need a second collective"
             )
         k = len(names)
+        o = rule.options(group)
+        if scaling[0] is not None or scaling[1] is not None:
+            o = dataclasses.replace(o, grad_scale=scaling[0], found_inf=scaling[1])
         engine.step(
             rule,
             local[0],
             local[1],
             local[2 : 2 + k],
             local[2 + k] if rule.counts_steps else None,
-            rule.options(group),
+            o,
             foreach=group["foreach"],
             fused=group["fused"],
             views=views,
@@ -290,16 +324,17 @@ class ProjectedOptimizer(TrackStats, Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_grads()
+        scaling = amp_attributes(self)  # GradScaler's grad_scale / found_inf, if it set them
         before = self._stats_before()
         all_views: dict[Tensor, Tensor] = {}
         jobs = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
-                jobs.append((group, params, [None] * len(params) if group["track_stats"] else None))
+                jobs.append((group, params, [None] * len(params) if group["track_stats"] else None, scaling))
         # one after the other; as coroutines when several groups hold sharded weights (one collective)
         distributed.run_group_steps(self._step_group, jobs)
-        for _, params, views in jobs:
+        for _, params, views, _ in jobs:
             if views is not None:
                 for p, v in zip(params, views, strict=True):
                     if v is not None:
@@ -439,11 +474,20 @@ class ProjectedOptimizer(TrackStats, Optimizer):
                 raise ValueError(f"state dict: parameter {key!r} has step {step!r}; expected a number")
 
     @staticmethod
-    def _normalise_steps(group: dict[str, Any], states: list[dict[str, Any]], params: list[Tensor]) -> None:
+    def _normalise_steps(
+        group: dict[str, Any], states: list[dict[str, Any]], params: list[Tensor], amp: bool = False
+    ) -> None:
         """Integer step counters (set by hand, or loaded by another class) become float32 tensors, as
-        torch.optim accepts them; done for the whole group before any tensor of it is stepped."""
+        torch.optim accepts them; done for the whole group before any tensor of it is stepped.
+
+        ``amp`` (GradScaler's ``found_inf`` given): counters of parameters on an accelerator move to the
+        parameter's device, as with ``capturable=True`` (and torch's fused optimizers): whether a step
+        counts is decided there, and a counter on the host would have to read it back."""
         for p, st in zip(params, states, strict=True):
             step = st.get("step")
+            if amp and isinstance(step, Tensor) and not p.is_cpu and step.device != p.device:
+                st["step"] = step.detach().reshape(()).to(device=p.device, dtype=torch.float32)
+                continue
             if isinstance(step, Tensor) and step.dtype == torch.float32 and step.dim() == 0:
                 continue
             if step is not None:

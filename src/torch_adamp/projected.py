@@ -18,7 +18,8 @@ from torch.optim import Optimizer
 
 from . import distributed, projection
 from .engine import fused, precision
-from .optimizer import TrackStats, _check_nonneg, reused_copies
+from .optimizer import TrackStats, _check_nonneg, amp_attributes, reused_copies
+from .rules import Scaling
 
 __all__ = ["Projected"]
 
@@ -96,6 +97,15 @@ class Projected(TrackStats, Optimizer):
     DTensor parameters are supported with one packed ``all_reduce`` per step.
     Refused at construction and ``add_param_group``: complex parameters (pass
     ``torch.view_as_real(p)``) and ``differentiable=True`` inner optimizers.
+
+    **GradScaler.** ``Projected`` follows ``inner``: where ``inner`` implements
+    GradScaler's protocol (``_step_supports_amp_scaling``: AdamP, SGDP, torch's
+    ``fused=True`` optimizers), so does ``Projected``: the scaler's ``grad_scale``
+    and ``found_inf`` are handed to ``inner.step()``, the scale-invariance test
+    uses the unscaled gradients, and a step with ``found_inf`` set leaves every
+    weight as ``inner`` left it (the projection is predicated on the device; no
+    host read). Otherwise it does not claim the protocol, and the scaler
+    unscales, checks on the host and skips the step as for ``inner`` alone.
 
     **Memory.** One buffer per projected candidate, the size of the parameter,
     allocated at its first step and reused afterwards (never in
@@ -271,6 +281,11 @@ class Projected(TrackStats, Optimizer):
             "L2 term in the gradient; pass decoupled_weight_decay=True or False"
         )
 
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """GradScaler's protocol: supported exactly when ``inner`` supports it (see the class docstring)."""
+        return bool(getattr(self.inner, "_step_supports_amp_scaling", False))
+
     # -- the step ------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -279,6 +294,13 @@ class Projected(TrackStats, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        scaling = amp_attributes(self)  # set by GradScaler.step only when inner supports the protocol
+        scaled = scaling[0] is not None or scaling[1] is not None
+        if scaled and not self._step_supports_amp_scaling:
+            raise ValueError(
+                f"grad_scale/found_inf are set on Projected, but {type(self.inner).__name__} does not implement "
+                "GradScaler's protocol (_step_supports_amp_scaling); let GradScaler unscale and skip instead"
+            )
         before = self._stats_before()
         jobs, plain = [], []
         for group in self.param_groups:
@@ -288,7 +310,7 @@ class Projected(TrackStats, Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
-            if fused.projected_takes(params, grads, group["lr"]):
+            if not scaled and fused.projected_takes(params, grads, group["lr"]):  # scaled: the torch route
                 # plain CPU tensors: copy and decide now (w_b and g are all the test needs), project after
                 befores = self._buffers(params)
                 sums = fused.projected_before(params, grads, befores)
@@ -300,7 +322,7 @@ class Projected(TrackStats, Optimizer):
             if type(self.inner).__name__ in MUTATES_GRADS:
                 grads = reused_copies(grads, self._pre_grad, params)
             jobs.append((group, params, grads, reused_copies(params, self._pre, params)))
-        self.inner.step()
+        self._inner_step(scaling)
         views: dict[Tensor, Tensor] = {}
         for group, params, befores, sums, view in plain:
             lr, ratio = group["lr"], group["wd_ratio"]
@@ -308,9 +330,26 @@ class Projected(TrackStats, Optimizer):
             scale = 1 - lr * wd if wd else 1.0
             fused.projected_after(befores, params, sums, view, scale, group["projection_eps"], lr * wd * (1 - ratio))
             views.update(zip(params, view.unbind(0), strict=True))
-        distributed.run_group_steps(self._project_group, [(*job, views) for job in jobs])
+        distributed.run_group_steps(self._project_group, [(*job, views, scaling) for job in jobs])
         self._stats_after(before, views)
         return loss
+
+    def _inner_step(self, scaling: tuple[Tensor | None, Tensor | None]) -> None:
+        """``inner.step()``, with GradScaler's ``grad_scale`` and ``found_inf`` forwarded for its duration."""
+        if scaling[0] is None and scaling[1] is None:
+            self.inner.step()
+            return
+        missing = object()
+        saved = [getattr(self.inner, k, missing) for k in ("grad_scale", "found_inf")]
+        self.inner.grad_scale, self.inner.found_inf = scaling  # type: ignore[attr-defined]
+        try:
+            self.inner.step()
+        finally:
+            for k, v in zip(("grad_scale", "found_inf"), saved, strict=True):
+                if v is missing:
+                    self.inner.__dict__.pop(k, None)
+                else:
+                    setattr(self.inner, k, v)
 
     def _buffers(self, params: list[Tensor]) -> list[Tensor]:
         """The reused pre-step buffers of ``params`` (contiguous, filled by the caller)."""
@@ -329,6 +368,7 @@ class Projected(TrackStats, Optimizer):
         grads: list[Tensor],
         befores: list[Tensor],
         views: dict[Tensor, Tensor],
+        scaling: tuple[Tensor | None, Tensor | None] = (None, None),
     ) -> None:
         dist, (P, G, B) = distributed.localize(
             group,
@@ -344,7 +384,10 @@ class Projected(TrackStats, Optimizer):
             w_a = [precision.upcast(P[i]) for i in idx]
             w_b = [precision.upcast(B[i]) for i in idx]
             g = [precision.upcast(G[i]) for i in idx]
-            view = self._project(w_a, w_b, g, group, lr, wd if decoupled else 0, ratio, dist)
+            amp = Scaling.from_tensors(*scaling, w_a[0].device)
+            if amp is not None:
+                g = amp.grads(g, maximize=False)  # the test sees the unscaled gradients
+            view = self._project(w_a, w_b, g, group, lr, wd if decoupled else 0, ratio, dist, amp)
             precision.write_back([P[i] for i in idx], w_a)
             for k, i in enumerate(idx):
                 views[params[i]] = view[k]
@@ -359,8 +402,10 @@ class Projected(TrackStats, Optimizer):
         wd: float,
         ratio: float,
         dist: Any,
+        amp: Scaling | None = None,
     ) -> Tensor:
-        """``w_a <- w_a + k w_b`` (see the class docstring); returns the view codes."""
+        """``w_a <- w_a + k w_b`` (see the class docstring); returns the view codes. Where ``amp`` skips the
+        step, ``w_a`` (as ``inner`` left it) is kept bit for bit."""
         # d = (1 - lr wd) w_b - w_a: the inner update without its decoupled decay; its row sums with w_b and
         # g in one sweep by the native kernel (d never materialised), else with torch operations
         sums = fused.projected_row_sums(w_b, g, w_a, 1 - lr * wd if wd else 1.0)
@@ -386,5 +431,10 @@ class Projected(TrackStats, Optimizer):
             # projected: the decay factor 1 - lr wd becomes 1 - lr wd wd_ratio
             extra = (view > 0).to(coefs[0].dtype) * (lr * wd * (1 - ratio))  # in the tensors' dtype
             coefs = [c + e for c, e in zip(coefs, extra.unbind(), strict=True)]
-        torch._foreach_addcmul_(list(w_a), list(w_b), coefs)
+        if amp is None or amp.skip is None:
+            torch._foreach_addcmul_(list(w_a), list(w_b), coefs)
+        else:
+            new = torch._foreach_addcmul(list(w_a), list(w_b), coefs)
+            for a, n in zip(w_a, new, strict=True):
+                a.copy_(torch.where(amp.skip, a, n))
         return view

@@ -19,7 +19,7 @@ INL T FN(adam_wu)(const FN(hyp_t) * h, const T* restrict p, const T* restrict g,
                   int64_t N, const int nest) {
     T acc = 0;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < N; j++) acc += p[j] * FN(adam_u)(h, g[j], m + j, v + j, nest, 0);
+    for (int64_t j = 0; j < N; j++) acc += p[j] * FN(adam_u)(h, g[j] * h->gs, m + j, v + j, nest, 0);
     return acc;
 }
 
@@ -29,7 +29,7 @@ INL void FN(adam_sweep)(const FN(hyp_t) * h, T* restrict p, const T* restrict g,
 #pragma omp simd
     for (int64_t j = 0; j < N; j++) {
         T pj = p[j];
-        T u = FN(adam_u)(h, g[j], m + j, v + j, nest, 1);
+        T u = FN(adam_u)(h, g[j] * h->gs, m + j, v + j, nest, 1);
         if (proj) u = u - c * pj;
         T p1 = dec ? pj * h->f : pj;
         p[j] = FMA(u, h->ss, p1); /* p.mul_(f) then p.add_(u, alpha=-step_size) */
@@ -43,7 +43,7 @@ INL void FN(adam_row)(const FN(hyp_t) * h, T* restrict p, const T* restrict g, T
     T acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (int64_t j = 0; j < N; j++) {
-        T u = FN(adam_u)(h, g[j], m + j, v + j, nest, 1);
+        T u = FN(adam_u)(h, g[j] * h->gs, m + j, v + j, nest, 1);
         buf[j] = u;
         acc += p[j] * u;
     }
@@ -97,7 +97,7 @@ static T FN(adam_wu_any)(const FN(hyp_t) * h, const T* p, const T* g, T* m, T* v
    still in the last-level cache. Either way u is computed once per element. */
 INL void FN(adam_stage)(const FN(hyp_t) * h, const T* restrict p, const T* restrict g, T* restrict m, T* restrict v,
                         T* restrict U, int64_t C, T* restrict out, const int nest) {
-    ROW_SWEEP(p, g, C, h->sgn, out, FN(adam_u)(h, gj, m + j, v + j, nest, 1), U[j] = u);
+    ROW_SWEEP(p, g, C, h->sgn, h->gs, out, FN(adam_u)(h, gj, m + j, v + j, nest, 1), U[j] = u);
 }
 
 INL void FN(adam_apply)(const FN(hyp_t) * h, T* restrict p, const T* restrict U, int64_t N, T c, const int dec,
@@ -136,7 +136,7 @@ INL void FN(adam_redo)(const FN(hyp_t) * h, T* p, const T* src, const T* restric
     for (int64_t j = 0; j < N; j++) {
         T pj = src[j];
         T d = SQRT(v[j]) / h->sbc2 + h->eps;
-        T u = nest ? (h->b1 * m[j] + h->c1 * (h->sgn * g[j])) / d : m[j] / d;
+        T u = nest ? (h->b1 * m[j] + h->c1 * (h->sgn * (g[j] * h->gs))) / d : m[j] / d;
         if (proj) u = u - c * pj;
         T p1 = dec ? pj * h->f : pj;
         p[j] = FMA(u, h->ss, p1);
@@ -236,6 +236,7 @@ int64_t FN(torch_adamp_adamp_spare)(const ta_args* a) {
 
 /* One AdamP step of a->n tensors (see torch_adamp.h for the arguments). */
 int FN(torch_adamp_adamp)(ta_args* a) {
+    if (amp_skip(a)) return 0;
     const int64_t n = a->n, *ptrs = a->ptrs, *meta = a->meta;
     const double lr = a->lr, b1 = a->rule.adamp.beta1, b2 = a->rule.adamp.beta2, eps = a->eps, wd = a->weight_decay;
     const double delta = a->delta, wd_ratio = a->wd_ratio;
@@ -274,6 +275,7 @@ int FN(torch_adamp_adamp)(ta_args* a) {
     FN(hyp_t) h;
     h.b1 = (T)b1; h.b2 = (T)b2; h.c1 = (T)(1 - b1); h.c2 = (T)(1 - b2); h.eps = (T)eps;
     h.sgn = maximize ? (T)-1 : (T)1;
+    h.gs = (T)amp_inv_scale(a);
     const int dec = wd > 0;
     for (int64_t i = 0; i < n; i++) {
         T* p = (T*)ptrs[i];
@@ -324,7 +326,7 @@ int FN(torch_adamp_adamp)(ta_args* a) {
             continue;
         }
         if (R > 0 && mode != MODE_NEVER) { /* too large to stage, no guess: pass 1 reads w and g only */
-            view = FN(decide)(p, g, R, C, h.sgn, h.eps, delta, mode, stats, tot, nt);
+            view = FN(decide)(p, g, R, C, h.sgn, h.gs, h.eps, delta, mode, stats, tot, nt);
             if (view == VIEW_LAYER) {
                 PFOR(nt > 1 && R > 1 && R * C >= PAR_MIN, r, R, {
                     int64_t o = r * C;

@@ -111,4 +111,16 @@ static size_t keep_guesses(const int64_t* meta, int64_t n, signed char* g, size_
     return most;
 }
 INL signed char caller_guess(const ta_args* a, int64_t i) { return a->guess != NULL ? (signed char)a->guess[i] : -1; }
+/* GradScaler's protocol: a call with *found_inf != 0 (NaN included) writes nothing but the views, which repeat
+   the caller's guesses (the views of the last step), so that the next call's guesses stay good */
+static int amp_skip(ta_args* a) {
+    if (a->found_inf == NULL || *a->found_inf == 0.0f) return 0;
+    for (int64_t i = 0; i < a->n; i++) a->views[i] = caller_guess(a, i) >= 0 ? caller_guess(a, i) : VIEW_NONE;
+    a->spec_right = a->spec_wrong = 0;
+    return 1;
+}
+/* the multiplier of every gradient load: GradScaler's inverse scale, rounded to float as torch rounds it (1 without) */
+INL double amp_inv_scale(const ta_args* a) {
+    return a->grad_scale != NULL ? (double)(float)(1.0 / (double)*a->grad_scale) : 1.0;
+}
 #endif

@@ -21,7 +21,7 @@ int FN(torch_adamp_projected_rows)(const ta_rows_args* a) {
             const T* pr = wb + r * C;
             const T* gr = g + r * C;
             const T* ar = wa + r * C;
-            ROW_SWEEP(pr, gr, C, (T)1, o + 4 * r, scale * pj - ar[j], (void)0);
+            ROW_SWEEP(pr, gr, C, (T)1, (T)1, o + 4 * r, scale * pj - ar[j], (void)0);
         });
         off += R;
     }
@@ -46,7 +46,7 @@ int FN(torch_adamp_projected_before)(const ta_rows_args* a) {
         const int64_t R = a->meta[n + i], C = R > 0 ? a->meta[i] / R : 0;
         T* o = out + 4 * off;
         PFOR(nt > 1 && R > 1 && R * C >= PAR_MIN, r, R, {
-            FN(row_stats)(w + r * C, g + r * C, C, (T)1, o + 4 * r);
+            FN(row_stats)(w + r * C, g + r * C, C, (T)1, (T)1, o + 4 * r);
             o[4 * r + 3] = 0;
             STREAM_COPY(wb + r * C, w + r * C, C);
         });

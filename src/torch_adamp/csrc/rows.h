@@ -3,19 +3,20 @@
    Mirrors torch_adamp.projection.projection_coefficients: c = <w,u> / (||w|| + eps)^2, u - c w. */
 
 typedef struct {
-    T b1, b2, c1, c2, eps, sbc2, ss, f, sgn, mom, damp1;
+    T b1, b2, c1, c2, eps, sbc2, ss, f, sgn, mom, damp1, gs; /* gs: the inverse grad scale (AMP), else 1 */
 } FN(hyp_t);
 
 /* The first sweep of a row, for any rule: u = DIRECTION (an expression of j, pj and gj that may update the
-   rule's state of element j), then STAGE (a statement that may keep u), and the four row sums of the test and
+   rule's state of element j; gj is the gradient times GS, the inverse grad scale), then STAGE (a statement that may
+   keep u), and the four row sums of the test and
    the projection, out[0..3] = <w,g>, ||w||^2, ||g||^2, <w,u>. A macro, so that each rule's loop is one loop
    (vectorised with one summation order, which the decision must not depend on). */
-#define ROW_SWEEP(p, g, C, sgn, out, DIRECTION, STAGE)       \
+#define ROW_SWEEP(p, g, C, sgn, GS, out, DIRECTION, STAGE)   \
     do {                                                     \
         T pg = 0, pp = 0, gg = 0, pu = 0;                    \
         _Pragma("omp simd reduction(+ : pg, pp, gg, pu)")    \
         for (int64_t j = 0; j < (C); j++) {                  \
-            T pj = (p)[j], gj = (g)[j];                      \
+            T pj = (p)[j], gj = (g)[j] * (GS);               \
             T u = (DIRECTION);                               \
             STAGE;                                           \
             pg += pj * gj;                                   \
@@ -30,11 +31,11 @@ typedef struct {
     } while (0)
 
 /* per-row statistics of the scale-invariance test: <p,g>, ||p||^2, ||g||^2 */
-INL void FN(row_stats)(const T* restrict p, const T* restrict g, int64_t C, T sgn, T* restrict out) {
+INL void FN(row_stats)(const T* restrict p, const T* restrict g, int64_t C, T sgn, T gs, T* restrict out) {
     T pg = 0, pp = 0, gg = 0;
 #pragma omp simd reduction(+ : pg, pp, gg)
     for (int64_t j = 0; j < C; j++) {
-        T pj = p[j], gj = g[j];
+        T pj = p[j], gj = g[j] * gs;
         pg += pj * gj;
         pp += pj * pj;
         gg += gj * gj;
@@ -73,9 +74,9 @@ static int FN(decide_from)(const T* stats, int64_t R, int64_t C, T eps, double d
 }
 
 /* AdamP's pass 1 (reads w and g only): the row sums, then the decision; stats[4r+3] is left free */
-static int FN(decide)(const T* p, const T* g, int64_t R, int64_t C, T sgn, T eps, double delta, int mode,
+static int FN(decide)(const T* p, const T* g, int64_t R, int64_t C, T sgn, T gs, T eps, double delta, int mode,
                       T* stats, T* tot, int nt) {
-    PFOR(nt > 1 && R > 1 && R * C >= PAR_MIN, r, R, { FN(row_stats)(p + r * C, g + r * C, C, sgn, stats + 4 * r); });
+    PFOR(nt > 1 && R > 1 && R * C >= PAR_MIN, r, R, { FN(row_stats)(p + r * C, g + r * C, C, sgn, gs, stats + 4 * r); });
     return FN(decide_from)(stats, R, C, eps, delta, mode, tot);
 }
 

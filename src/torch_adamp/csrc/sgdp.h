@@ -19,7 +19,7 @@ INL T FN(sgd_d)(const FN(hyp_t) * h, T gj, T* restrict bj_p, const int nest, con
 /* sweep A, one row: buffer stored; out[0..3] = <w,g>, ||w||^2, ||g||^2, <w,d> */
 INL void FN(sgd_stats)(const FN(hyp_t) * h, const T* restrict p, const T* restrict g, T* restrict b, int64_t C,
                        T* restrict out, const int nest) {
-    ROW_SWEEP(p, g, C, h->sgn, out, FN(sgd_d)(h, gj, b + j, nest, 1), (void)0);
+    ROW_SWEEP(p, g, C, h->sgn, h->gs, out, FN(sgd_d)(h, gj, b + j, nest, 1), (void)0);
 }
 
 /* sweep B (STORED: the buffer is already updated) or the only sweep of a tensor that is never projected:
@@ -31,9 +31,9 @@ INL void FN(sgd_step)(const FN(hyp_t) * h, T* restrict p, const T* restrict g, T
         T pj = p[j];
         T d;
         if (stored)
-            d = nest ? h->sgn * g[j] + h->mom * b[j] : b[j];
+            d = nest ? h->sgn * (g[j] * h->gs) + h->mom * b[j] : b[j];
         else
-            d = FN(sgd_d)(h, g[j], b + j, nest, 1);
+            d = FN(sgd_d)(h, g[j] * h->gs, b + j, nest, 1);
         if (proj) {
             d = d - c * pj;
             if (pm) b[j] = d;
@@ -314,6 +314,7 @@ int64_t FN(torch_adamp_sgdp_spare)(const ta_args* a) {
 
 /* One SGDP step of a->n tensors (see torch_adamp.h for the arguments). */
 int FN(torch_adamp_sgdp)(ta_args* a) {
+    if (amp_skip(a)) return 0;
     const int64_t n = a->n, *ptrs = a->ptrs, *meta = a->meta;
     const double lr = a->lr, momentum = a->rule.sgdp.momentum, dampening = a->rule.sgdp.dampening;
     const double eps = a->eps, wd = a->weight_decay, delta = a->delta, wd_ratio = a->wd_ratio;
@@ -343,6 +344,7 @@ int FN(torch_adamp_sgdp)(ta_args* a) {
     FN(hyp_t) h;
     h.eps = (T)eps; h.mom = (T)momentum; h.damp1 = (T)(1 - dampening); h.ss = (T)(-lr);
     h.sgn = maximize ? (T)-1 : (T)1;
+    h.gs = (T)amp_inv_scale(a);
     const int dec = wd > 0;
     for (int64_t i = 0; i < n; i++) {
         T* p = (T*)ptrs[i];

@@ -47,6 +47,9 @@ typedef struct {
     /* outputs */
     int64_t* views;                  /* n: the view each tensor took (0 none, 1 channel, 2 layer) */
     int64_t spec_right, spec_wrong;  /* speculative sweeps of this call whose guess held / failed */
+    /* inputs, GradScaler's protocol (torch.amp): NULL when absent */
+    const float* grad_scale; /* gradients are read as g * (float)(1 / (double)*grad_scale), as GradScaler.unscale_ */
+    const float* found_inf;  /* non-zero: the call is skipped whole (nothing written; views = the guesses) */
 } ta_args;
 
 /* torch_adamp.Projected's row sums (csrc/projected.h): one call for n same-type tensors */

@@ -10,7 +10,10 @@ Two back ends, chosen per device/dtype group:
     ``torch.compile`` or a dispatch mode the call is the custom op
     ``torch_adamp::<rule>_cpu_``, opaque to the compiler (no graph break).
     Tensors the kernel cannot read as raw buffers (non-contiguous, or with
-    state of another dtype) take the multi-tensor path.
+    state of another dtype) take the multi-tensor path. GradScaler's
+    ``grad_scale`` / ``found_inf`` (CPU floats) go to the kernel by pointer: it
+    multiplies every gradient it loads by the inverse scale, and returns at its
+    entry, having written nothing, where ``found_inf`` is set.
 
 ``compile`` (other devices, or the CPU without the native kernels)
     ``torch.compile(fullgraph=True, dynamic=False)`` of the multi-tensor path,
@@ -166,6 +169,19 @@ class Workspace:
             del self.guesses[next(iter(self.guesses))]
 
 
+def _amp_floats(o: Any) -> tuple[Tensor | None, Tensor | None]:
+    """GradScaler's ``grad_scale`` and ``found_inf`` as 0-d CPU float32 tensors the kernel reads by pointer.
+
+    They are the scaler's own tensors when it runs on the CPU (``.to`` is then a no-op, nothing is read to
+    Python); a scaler on another device than these CPU parameters costs the copy torch's fused optimizers
+    make too."""
+
+    def cpu(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(device="cpu", dtype=torch.float32).reshape(()).contiguous()
+
+    return cpu(getattr(o, "grad_scale", None)), cpu(getattr(o, "found_inf", None))
+
+
 def _run_kernel(
     rule: Rule,
     lists: list[Sequence[Tensor]],
@@ -173,8 +189,12 @@ def _run_kernel(
     lr: float,
     o: Any,
     workspace: Workspace | None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> Tensor:
-    """Run the rule's kernel on tensors it takes (``lists``: params, grads, states, [steps]); view codes."""
+    """Run the rule's kernel on tensors it takes (``lists``: params, grads, states, [steps]); view codes.
+
+    ``grad_scale`` / ``found_inf``: 0-d CPU float32 tensors of GradScaler's protocol (see :func:`_amp_floats`)."""
     n = len(numel)
     codes = torch.zeros(n, dtype=torch.int64)
     if n == 0:
@@ -199,6 +219,8 @@ def _run_kernel(
     a.threads = max(1, torch.get_num_threads())
     a.stage_bytes = STAGE_BYTES
     a.spec_max_bytes = 0 if write_back else SPECULATE_MAX_BYTES  # half precision: fresh copies every step
+    a.grad_scale = grad_scale.data_ptr() if grad_scale is not None else None
+    a.found_inf = found_inf.data_ptr() if found_inf is not None else None
     rule_args = getattr(a.rule, rule.name)
     for name, value in zip(rule.kernel_fields, rule.kernel_args(o), strict=True):
         setattr(rule_args, name, type(getattr(rule_args, name))(value))  # int or float, as the C field
@@ -263,6 +285,8 @@ def _register_op(rule: Rule) -> Any:
         lr: float,
         common: list[float],
         args: list[float],
+        grad_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
     ) -> Tensor:
         n = len(params)
         k = len(rule.state_names)
@@ -270,13 +294,14 @@ def _register_op(rule: Rule) -> Any:
         if rule.counts_steps:
             lists.append(steps)
         lr_v = float(lr_tensor.item()) if lr_tensor is not None else lr
-        return _run_kernel(rule, lists, [p.numel() for p in params], lr_v, _options(rule, common, args), None)
+        o = _options(rule, common, args)
+        return _run_kernel(rule, lists, [p.numel() for p in params], lr_v, o, None, grad_scale, found_inf)
 
     op = torch.library.custom_op(
         f"torch_adamp::{rule.name}_cpu_", kernel, mutates_args=("params", "states", "steps"), device_types="cpu"
     )
 
-    def fake(params, grads, states, steps, lr_tensor, lr, common, args):  # type: ignore[no-untyped-def]
+    def fake(params, grads, states, steps, lr_tensor, lr, common, args, grad_scale=None, found_inf=None):  # type: ignore[no-untyped-def]
         return torch.empty(len(params), dtype=torch.int64)
 
     op.register_fake(fake)
@@ -312,6 +337,7 @@ def _native_step(
 ) -> Tensor:
     """One same-dtype CPU group through the kernel (refused tensors through the multi-tensor path)."""
     lists, numel, refused = _split_refused([params, grads, *states], steps)
+    grad_scale, found_inf = _amp_floats(o)
     if _through_dispatcher(params):
         common, args = _common(o), list(rule.kernel_args(o))
         taken = lists[0]
@@ -319,10 +345,12 @@ def _native_step(
         k = len(rule.state_names)
         flat_states = [t for lst in lists[2 : 2 + k] for t in lst]
         step_list = list(lists[2 + k]) if rule.counts_steps else []
-        codes: Tensor = _op(rule)(list(taken), list(lists[1]), flat_states, step_list, lr_t, lr_f, common, args)
+        codes: Tensor = _op(rule)(
+            list(taken), list(lists[1]), flat_states, step_list, lr_t, lr_f, common, args, grad_scale, found_inf
+        )
     else:
         lr_v = float(o.lr.item()) if isinstance(o.lr, Tensor) else float(o.lr)  # a CPU tensor: no device sync
-        codes = _run_kernel(rule, lists, numel, lr_v, o, workspace)
+        codes = _run_kernel(rule, lists, numel, lr_v, o, workspace, grad_scale, found_inf)
     if not refused:
         return codes
     sub_views: list[Tensor | None] = [None] * len(refused)

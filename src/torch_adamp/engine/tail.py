@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import projection
+from ..rules import Scaling
 
 Scalar = float | Tensor
 Views = list[Tensor | None] | None  # per-parameter view codes (0-d tensors), or None when not recorded
@@ -72,6 +73,7 @@ def apply_multi(
     views: Views,
     dist: Any = None,
     caution: bool = False,
+    amp: Scaling | None = None,
 ) -> None:
     """Project, decay and step a list of same-device, same-dtype tensors.
 
@@ -81,7 +83,10 @@ def apply_multi(
     :mod:`torch_adamp.distributed` (global shapes, one packed all_reduce).
     ``caution``: timm's cautious masking after the projection, one tensor at a
     time (:func:`torch_adamp.projection.cautious`; local shards only).
+    ``amp``: GradScaler's skip (:class:`torch_adamp.rules.Scaling`): the decay
+    factors become 1 and the final updates ``+0.0`` on a skipped step.
     """
+    skip = amp is not None and amp.skip is not None
     n = len(params)
     if n == 0:
         return
@@ -124,12 +129,17 @@ def apply_multi(
             projection.cautious(params[i], grads[i], updates[i], codes[i], eps=eps)
     if proj_idx:
         if weight_decay != 0:
-            torch._foreach_mul_(p_proj, list(decay_factor(view, p_proj[0], lr, weight_decay, wd_ratio, wd_divisor)))
+            f_proj = decay_factor(view, p_proj[0], lr, weight_decay, wd_ratio, wd_divisor)
+            if skip:
+                f_proj = amp.factor(f_proj, 1.0)  # type: ignore[union-attr, assignment]
+            torch._foreach_mul_(p_proj, list(f_proj))
     if weight_decay != 0:
         proj_set = set(proj_idx)
         rest = [params[i] for i in range(n) if i not in proj_set]
         if rest:
-            torch._foreach_mul_(rest, f_none)
+            torch._foreach_mul_(rest, amp.factor(f_none, 1.0) if skip else f_none)  # type: ignore[union-attr]
+    if skip:
+        updates = [amp.update(u) for u in updates]  # type: ignore[union-attr]
     if isinstance(step_size, Tensor):
         torch._foreach_sub_(list(params), torch._foreach_mul(updates, step_size))
     else:

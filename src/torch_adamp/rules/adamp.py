@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Direction, Directions, Options, Rule, Scalar, State, States, Step, Steps, Tensors
+from .base import Direction, Directions, Options, Rule, Scalar, Scaling, State, States, Step, Steps, Tensors
 
 
 @dataclass(frozen=True)
@@ -62,42 +62,62 @@ class AdamPRule(Rule):
             if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0.0 <= b < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {k}: {b!r}; expected 0 <= beta < 1")
 
-    def direction(self, p: Tensor, g: Tensor, state: State, step: Step, o: Any, as_tensor: bool) -> Direction:
+    def direction(
+        self, p: Tensor, g: Tensor, state: State, step: Step, o: Any, as_tensor: bool, amp: Scaling | None = None
+    ) -> Direction:
         m, v = state
         assert step is not None
-        step += 1
-        bc1, sqrt_bc2 = bias_corrections(step, o.beta1, o.beta2, as_tensor)
-        m.mul_(o.beta1).add_(g, alpha=1 - o.beta1)
-        v.mul_(o.beta2).addcmul_(g, g, value=1 - o.beta2)
+        b1: Scalar = o.beta1
+        b2: Scalar = o.beta2
+        if amp is None or amp.skip is None:
+            step += 1
+            t = step
+        else:  # GradScaler: the counter advances unless skipped; corrections of the count if taken
+            t = step + 1
+            step.add_(amp.increment(step))
+            b1, b2 = amp.factor(b1, 1.0), amp.factor(b2, 1.0)
+        bc1, sqrt_bc2 = bias_corrections(t, o.beta1, o.beta2, as_tensor)
+        m.mul_(b1).add_(g, alpha=1 - o.beta1)
+        v.mul_(b2).addcmul_(g, g, value=1 - o.beta2)
         denom = (v.sqrt() / sqrt_bc2).add_(o.eps)
         u = (o.beta1 * m + (1 - o.beta1) * g) / denom if o.nesterov else m / denom
         step_size: Scalar = o.lr / bc1
         return u, step_size
 
-    def directions(self, p: Tensors, g: Tensors, state: States, steps: Steps, o: Any, as_tensor: bool) -> Directions:
+    def directions(
+        self, p: Tensors, g: Tensors, state: States, steps: Steps, o: Any, as_tensor: bool, amp: Scaling | None = None
+    ) -> Directions:
         M, V = state
         assert steps is not None
         b1, b2, lr = o.beta1, o.beta2, o.lr
-        torch._foreach_add_(steps, 1.0)
-        torch._foreach_mul_(M, b1)
+        b1_m: Scalar = b1
+        b2_v: Scalar = b2
+        if amp is None or amp.skip is None:
+            torch._foreach_add_(steps, 1.0)
+            counts = steps
+        else:  # GradScaler: the counters advance unless skipped; corrections of the counts if taken
+            counts = list(torch._foreach_add(steps, 1.0))
+            torch._foreach_add_(steps, [amp.increment(steps[0])] * len(steps))  # a list: no .item() on the CPU
+            b1_m, b2_v = amp.factor(b1, 1.0), amp.factor(b2, 1.0)
+        torch._foreach_mul_(M, b1_m)
         torch._foreach_add_(M, g, alpha=1 - b1)
-        torch._foreach_mul_(V, b2)
+        torch._foreach_mul_(V, b2_v)
         torch._foreach_addcmul_(V, g, g, value=1 - b2)
 
         denom = torch._foreach_sqrt(V)
         if as_tensor:
             # 1 - b^t = -expm1(t log b), accurate in float32 (1 - pow(b, t) is not: 1e-5 off at b2 = 0.999)
-            bc1 = torch._foreach_mul(steps, _log(b1))
+            bc1 = torch._foreach_mul(counts, _log(b1))
             torch._foreach_expm1_(bc1)
             torch._foreach_neg_(bc1)
-            sqrt_bc2 = torch._foreach_mul(steps, _log(b2))
+            sqrt_bc2 = torch._foreach_mul(counts, _log(b2))
             torch._foreach_expm1_(sqrt_bc2)
             torch._foreach_neg_(sqrt_bc2)
             torch._foreach_sqrt_(sqrt_bc2)
             torch._foreach_div_(denom, sqrt_bc2)
             step_sizes: list[Any] = [lr / b for b in bc1]
         else:
-            corrections = [bias_corrections(s, b1, b2, False) for s in steps]
+            corrections = [bias_corrections(s, b1, b2, False) for s in counts]
             torch._foreach_div_(denom, [c[1] for c in corrections])
             step_sizes = [lr / c[0] for c in corrections]
         torch._foreach_add_(denom, o.eps)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Direction, Directions, Options, Rule, State, States, Step, Steps, Tensors
+from .base import Direction, Directions, Options, Rule, Scalar, Scaling, State, States, Step, Steps, Tensors
 
 
 @dataclass(frozen=True)
@@ -61,16 +61,21 @@ class SGDPRule(Rule):
     def update_is_state(self, o: Any) -> bool:
         return not o.nesterov and not o.project_momentum
 
-    def direction(self, p: Tensor, g: Tensor, state: State, step: Step, o: Any, as_tensor: bool) -> Direction:
+    def direction(
+        self, p: Tensor, g: Tensor, state: State, step: Step, o: Any, as_tensor: bool, amp: Scaling | None = None
+    ) -> Direction:
         (buf,) = state
-        buf.mul_(o.momentum).add_(g, alpha=1 - o.dampening)
+        momentum: Scalar = o.momentum if amp is None else amp.factor(o.momentum, 1.0)
+        buf.mul_(momentum).add_(g, alpha=1 - o.dampening)
         if o.nesterov:
             return g + o.momentum * buf, o.lr
         return (buf if o.project_momentum else buf.clone()), o.lr
 
-    def directions(self, p: Tensors, g: Tensors, state: States, steps: Steps, o: Any, as_tensor: bool) -> Directions:
+    def directions(
+        self, p: Tensors, g: Tensors, state: States, steps: Steps, o: Any, as_tensor: bool, amp: Scaling | None = None
+    ) -> Directions:
         (B,) = state
-        torch._foreach_mul_(B, o.momentum)
+        torch._foreach_mul_(B, o.momentum if amp is None else amp.factor(o.momentum, 1.0))
         torch._foreach_add_(B, g, alpha=1 - o.dampening)
         if o.nesterov:
             D = list(torch._foreach_mul(B, o.momentum))
