@@ -124,7 +124,8 @@ def _batch(step: int, rank: int, micro: int = 0) -> tuple[Tensor, Tensor]:
 
 
 def _loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    return (model(x).float() - y).square().mean()
+    bf16 = getattr(model, "bfloat16_enabled", lambda: False)()  # a DeepSpeed engine in bf16
+    return (model(x.bfloat16() if bf16 else x).float() - y).square().mean()
 
 
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
@@ -247,6 +248,8 @@ def _engine(stage: int, opt_name: str, extra: dict[str, Any] | None = None, seed
         "wall_clock_breakdown": False,
     }
     config.update(extra or {})
+    if config.get("bf16", {}).get("enabled"):
+        model.bfloat16()  # buffers too (BatchNorm's running statistics): CPU batch_norm wants one dtype
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     return engine, opt, model
 
@@ -373,8 +376,8 @@ def _same_gradient(rank: int, tmp: str, stage: int, opt_name: str, extra: dict[s
     cls, kw = OPTIMIZERS[opt_name]
     ref = cls(
         [
-            {"params": [ref_params[n] for n in names if params[n].dim() > 1]},
-            {"params": [ref_params[n] for n in names if params[n].dim() <= 1], "weight_decay": 0.0},
+            {"params": [ref_params[n] for n in names if ref_params[n].dim() > 1]},
+            {"params": [ref_params[n] for n in names if ref_params[n].dim() <= 1], "weight_decay": 0.0},
         ],
         **kw,
         track_stats=True,
