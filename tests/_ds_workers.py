@@ -68,7 +68,10 @@ def _worker(rank: int, tmp: str, scenarios: list[str]) -> None:
     )
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=rank, world_size=WORLD,
+        "gloo",
+        init_method=f"file://{os.path.join(tmp, 'store')}",
+        rank=rank,
+        world_size=WORLD,
         timeout=timedelta(seconds=90),
     )
     import deepspeed
@@ -148,7 +151,6 @@ def _reference(opt_name: str, steps: int, accum: int = 1, clip: float = 0.0) -> 
     cls, kw = OPTIMIZERS[opt_name]
     opt = cls(_groups(model), **kw, track_stats=True)
     weights = [n for n, p in model.named_parameters() if p.dim() > 1]
-    names = dict(zip((id(p) for p in model.parameters()), (n for n, _ in model.named_parameters()), strict=True))
     views = []
     for step in range(steps):
         opt.zero_grad()
@@ -161,7 +163,6 @@ def _reference(opt_name: str, steps: int, accum: int = 1, clip: float = 0.0) -> 
         stats = opt.stats()
         order = [f"group0.param{i}" for i in range(len(weights))]
         views.append([int(stats[k + "/view"]) for k in order])
-    del names
     return model, views
 
 
@@ -170,8 +171,17 @@ def _reference(opt_name: str, steps: int, accum: int = 1, clip: float = 0.0) -> 
 # ----------------------------------------------------------------------------------------
 
 COLLECTIVES = (
-    "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter", "broadcast",
-    "reduce", "all_to_all_single", "barrier", "gather", "scatter",
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "reduce_scatter",
+    "broadcast",
+    "reduce",
+    "all_to_all_single",
+    "barrier",
+    "gather",
+    "scatter",
 )
 
 
@@ -231,7 +241,9 @@ def _instrument(engine: Any, opt: torch.optim.Optimizer) -> Iterator[dict[str, A
         zero.projection.coefficients_from_row_sums = original_decide  # type: ignore[attr-defined]
 
 
-def _engine(stage: int, opt_name: str, extra: dict[str, Any] | None = None, seed: int = 0) -> tuple[Any, Any, nn.Module]:
+def _engine(
+    stage: int, opt_name: str, extra: dict[str, Any] | None = None, seed: int = 0
+) -> tuple[Any, Any, nn.Module]:
     import deepspeed
 
     torch.manual_seed(seed)
@@ -329,14 +341,17 @@ zero1_sgdp_clip = _make(1, "sgdp", extra={"gradient_clipping": 0.05}, clip=0.05)
 zero3_adamp_clip = _make(3, "adamp", extra={"gradient_clipping": 0.05}, clip=0.05)
 
 VERSUS_REFERENCE = [f"zero{s}_{o}" for s in (1, 2, 3) for o in ("adamp", "sgdp")] + [
-    "zero2_sgdp_plain", "zero2_adamp_accum", "zero1_sgdp_clip", "zero3_adamp_clip",
+    "zero2_sgdp_plain",
+    "zero2_adamp_accum",
+    "zero1_sgdp_clip",
+    "zero3_adamp_clip",
 ]
 
 
 def _checkpoint(rank: int, tmp: str, stage: int, opt_name: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Save after 5 steps; continuing and resuming in a fresh engine give bitwise the same next 5 steps."""
     path = os.path.join(tmp, f"ckpt_{stage}_{opt_name}_{bool(extra)}")
-    engine, opt, model = _engine(stage, opt_name, extra)
+    engine, _, model = _engine(stage, opt_name, extra)
     _train(engine, rank, 5)
     engine.save_checkpoint(path, tag="t5")
     _train(engine, rank, 5, start=5)
@@ -413,7 +428,7 @@ def zero3_sgdp_bf16(rank: int, tmp: str) -> dict[str, Any]:
 
 def zero2_refusal(rank: int, tmp: str) -> dict[str, Any]:
     """A ZeRO partition whose layout the optimizer cannot see (the mappings removed) is refused, naming it."""
-    engine, opt, model = _engine(2, "adamp")
+    engine, _, model = _engine(2, "adamp")
     for p in model.parameters():
         del p._hp_mapping
     loss = _loss(engine, *_batch(0, rank))
@@ -435,8 +450,11 @@ def zero2_opt_out(rank: int, tmp: str) -> dict[str, Any]:
     ref_model = copy.deepcopy(model)
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=1e-2)
     config = {
-        "train_micro_batch_size_per_gpu": MICRO, "zero_optimization": {"stage": 2},
-        "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "gradient_clipping": 0.0,
+        "train_micro_batch_size_per_gpu": MICRO,
+        "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "gradient_clipping": 0.0,
     }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     with _instrument(engine, opt) as rec:
@@ -452,6 +470,26 @@ def zero2_opt_out(rank: int, tmp: str) -> dict[str, Any]:
 
 ALL = [
     *VERSUS_REFERENCE,
-    "zero2_adamp_checkpoint", "zero3_sgdp_checkpoint", "zero1_adamp_bf16_checkpoint",
-    "zero2_adamp_bf16", "zero3_sgdp_bf16", "zero2_refusal", "zero2_opt_out",
+    "zero2_adamp_checkpoint",
+    "zero3_sgdp_checkpoint",
+    "zero1_adamp_bf16_checkpoint",
+    "zero2_adamp_bf16",
+    "zero3_sgdp_bf16",
+    "zero2_refusal",
+    "zero2_opt_out",
 ]
+
+
+def zero2_adamp_no_collective(rank: int, tmp: str) -> dict[str, Any]:
+    """Negative control: the same run with the optimizer's collective removed drifts from the reference."""
+    from torch_adamp import zero
+
+    saved = zero._all_reduce
+    zero._all_reduce = lambda t, group: None  # type: ignore[assignment]
+    try:
+        return _versus_reference(rank, 2, "adamp")
+    finally:
+        zero._all_reduce = saved  # type: ignore[assignment]
+
+
+ALL.append("zero2_adamp_no_collective")

@@ -62,7 +62,7 @@ from .distributed import FlatParameterError
 from .engine import tail
 from .engine.precision import upcast, write_back
 
-__all__ = ["Groups", "Layout", "step"]
+__all__ = ["Groups", "Layout", "last_views", "step"]
 
 
 @dataclass
@@ -77,6 +77,8 @@ class Layout:
     numel: int
     key: tuple[int, int]  # (data_ptr, numel) of the partition the layout was made for
     signature: tuple[int, ...]  # ids of the mapping objects it was made from
+    names: list[str] = field(default_factory=list)  # of the weights, for last_views()
+    views: Tensor | None = None  # the view codes the last step took, per weight (on the device)
     total_rows: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -132,7 +134,8 @@ class Groups:
             return None
         if group.get("scale_invariant") is False:
             return None
-        weights = [p for p in originals if projection.projectable(p, _shape(p)) and p.requires_grad]
+        chosen = [i for i, p in enumerate(originals) if projection.projectable(p, _shape(p)) and p.requires_grad]
+        weights = [originals[i] for i in chosen]
         if not weights:
             return None
         flat = params[foreign[0]]
@@ -145,6 +148,8 @@ class Groups:
             layout = _layout(flat, weights, sig)
         if layout is None:
             raise FlatParameterError(_message(describe(foreign[0]), flat, optimizer))
+        names = group.get("param_names")
+        layout.names = [names[i] if names is not None else f"param{i}" for i in chosen]
         self._layouts[id(flat)] = layout
         return layout
 
@@ -287,6 +292,7 @@ def step(
     coef, view = projection.coefficients_from_row_sums(
         sums, layout.shapes, delta=o.delta, eps=o.eps, mode=o.scale_invariant
     )
+    layout.views = view
     if W:
         c = coef[layout.row_index].split([k for _, k, _, _ in layout.pieces])
         C = [ci.view(-1, 1) for ci in c]
@@ -311,3 +317,18 @@ def step(
     else:
         torch._foreach_add_(targets, updates, alpha=-step_size)
     write_back([param, *states], [w, *(s[0] for s in S)])
+
+
+def last_views(optimizer: Any) -> dict[str, str]:
+    """The view (``"none"``, ``"channel"``, ``"layer"``) each weight took at the last ZeRO step of ``optimizer``.
+
+    Keys are the parameter names when the optimizer was given
+    ``named_parameters()``, else ``param<i>`` (index in its group). Covers the
+    weights (ndim >= 2) of the groups DeepSpeed substituted, the same on every
+    rank. One host sync; meant for logging, not for the training loop.
+    """
+    out: dict[str, str] = {}
+    for layout in getattr(optimizer, "_zero", Groups())._layouts.values():
+        if layout.views is not None:
+            out.update(zip(layout.names, (projection.VIEW_NAMES[v] for v in layout.views.tolist()), strict=True))
+    return out
