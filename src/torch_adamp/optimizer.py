@@ -251,6 +251,8 @@ class ProjectedOptimizer(TrackStats, Optimizer):
     def _step_group(self, group: dict[str, Any], params: list[Tensor], views: list[Tensor | None] | None) -> None:
         """Initialise state and run the engine's step of one group."""
         rule = self.rule
+        # DeepSpeed ZeRO substituted flat partitions (torch_adamp.zero): recognised or refused before any change
+        layout = self._zero.resolve(group, params, lambda i: self._describe(group, i, params[i]), type(self).__name__)
         names = rule.state_names
         states = [self.state[p] for p in params]  # one lookup per parameter (Tensor.__hash__ is Python)
         for p, state in zip(params, states, strict=True):
@@ -264,7 +266,6 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         lists = [[s[name] for s in states] for name in names]
         if rule.counts_steps:
             lists.append([s["step"] for s in states])
-        layout = self._zero.resolve(group, params, lambda i: self._describe(group, i, params[i]), type(self).__name__)
         if layout is not None:  # a DeepSpeed ZeRO partition: see torch_adamp.zero
             self._zero_step(group, layout, params[0], lists)
             return
