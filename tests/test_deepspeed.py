@@ -8,6 +8,7 @@ below checks one of them. Skipped when deepspeed is not installed (the
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import subprocess
@@ -157,3 +158,71 @@ def test_a_group_of_1d_parameters_needs_no_layout() -> None:
     flat.grad = torch.randn_like(flat)
     opt.param_groups[0]["params"] = [flat]
     opt.step()
+
+
+class _Address:
+    def __init__(self, start: int, numel: int) -> None:
+        self.start, self.numel = start, numel
+
+
+class _Mapping:
+    """What DeepSpeed ZeRO-1/2 puts on a parameter (``_hp_mapping``), for one rank holding everything."""
+
+    def __init__(self, flat: torch.Tensor, start: int, numel: int) -> None:
+        self.lp_fragment_address = _Address(0, numel)
+        self.hp_fragment_address = _Address(start, numel)
+        self.hp_fragment = flat.narrow(0, start, numel)
+
+
+OPTIONS = [
+    (AdamP, {"lr": 1e-2, "weight_decay": 1e-2}),
+    (AdamP, {"lr": 1e-2, "weight_decay": 1e-2, "scale_invariant": "layer", "wd_ratio": 0.5, "maximize": True}),
+    (AdamP, {"lr": 1e-2, "scale_invariant": "channel", "delta": 0.2, "capturable": True}),
+    (SGDP, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}),
+    (SGDP, {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}),
+    (SGDP, {"lr": 0.1, "momentum": 0.9, "project_momentum": False, "dampening": 0.1, "weight_decay": 1e-3}),
+]
+
+
+@pytest.mark.parametrize(("cls", "kw"), OPTIONS)
+def test_options_on_a_one_rank_partition(
+    cls: type[torch.optim.Optimizer], kw: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every option through the ZeRO path, on one rank holding the whole partition (the sum is the identity)."""
+    from torch_adamp import zero
+
+    monkeypatch.setattr(zero, "_all_reduce", lambda t, group: None)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.Flatten(), nn.Linear(5 * 4, 7), nn.LayerNorm(7))
+    ref_model = copy.deepcopy(model)
+    opt = cls(model.parameters(), **kw)
+    ref = cls(ref_model.parameters(), **kw, foreach=True, track_stats=True)
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p._hp_mapping = _Mapping(flat, offset, p.numel())  # type: ignore[attr-defined]
+        p._dp_group = "dp"  # type: ignore[attr-defined]
+        offset += p.numel()
+    flat = nn.Parameter(flat)
+    opt.param_groups[0]["params"] = [flat]
+    seen: set[str] = set()
+    for _ in range(4):
+        grads = [torch.randn_like(p) for p in params]
+        for i, (p, g) in enumerate(zip(ref_model.parameters(), grads, strict=True)):
+            w = p.detach().reshape(p.shape[0], -1) if i == 0 else p.detach().reshape(1, -1)
+            if i in (0, 4):  # conv: orthogonal to every row (channel view); linear: to the whole weight (layer)
+                g2 = g.reshape(w.shape)
+                g = (g2 - (g2 * w).sum(1, keepdim=True) / w.square().sum(1, keepdim=True) * w).reshape(p.shape)
+            p.grad = g
+        flat.grad = torch.cat([p.grad.reshape(-1) for p in ref_model.parameters()])
+        ref.step()
+        opt.step()
+        stats = ref.stats()
+        want = {f"param{i}": stats[f"group0.param{i}/view"] for i in (0, 4)}
+        got = zero.last_views(opt)
+        assert {k: torch_adamp.projection.VIEW_NAMES[int(v)] for k, v in want.items()} == got
+        seen.update(got.values())
+    assert seen & {"channel", "layer"}, seen  # the projection fired
+    got_params = torch.cat([p.detach().reshape(-1) for p in ref_model.parameters()])
+    torch.testing.assert_close(flat.detach(), got_params, rtol=1e-6, atol=1e-7)
