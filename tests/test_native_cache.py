@@ -111,3 +111,24 @@ def test_a_hung_compiler_is_bounded_and_the_fallback_warns(tmp_path: Path) -> No
     assert any("multi-tensor path" in w and "TORCH_ADAMP_NATIVE=0" in w for w in out["warnings"])
     silenced = probe(tmp_path / "cache", TORCH_ADAMP_NATIVE="0")
     assert not silenced["loaded"] and silenced["warnings"] == []
+
+
+def test_a_rejected_flag_set_warns_and_is_not_retried(tmp_path: Path) -> None:
+    real = subprocess.run(["sh", "-c", "command -v cc || command -v gcc"], capture_output=True, text=True)
+    log = tmp_path / "calls.log"
+    nomp = tmp_path / "nompcc"  # a compiler without OpenMP: rejects -fopenmp, builds everything else
+    nomp.write_text(
+        f'#!/bin/sh\necho "$*" >> {log}\ncase " $* " in *" -fopenmp "*) echo "no libgomp" >&2; exit 1;; esac\n'
+        f'exec {real.stdout.strip()} "$@"\n'
+    )
+    nomp.chmod(0o755)
+    env = {"CC": str(nomp), "PATH": f"{tmp_path}:/usr/bin:/bin"}
+    first = probe(tmp_path / "cache", **env)
+    assert first["loaded"] and first["seconds"] > 0
+    assert any("-fopenmp-simd" in w and "no OpenMP threads" in w and "no libgomp" in w for w in first["warnings"])
+    builds = [line for line in log.read_text().splitlines() if "kernels.c" in line]
+    assert len(builds) == 2 and " -fopenmp " in f" {builds[0]} " and "-fopenmp-simd" in builds[1]
+    second = probe(tmp_path / "cache", **env)  # the cached object, no compile of the rejected set
+    assert second["loaded"] and second["seconds"] == 0.0 and second["path"] == first["path"]
+    assert any("no OpenMP threads" in w for w in second["warnings"])
+    assert len([line for line in log.read_text().splitlines() if "kernels.c" in line]) == 2

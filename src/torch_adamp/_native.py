@@ -115,6 +115,10 @@ def _compiler_version(cc: str) -> str:
 COMPILE_TIMEOUT = float(os.environ.get("TORCH_ADAMP_NATIVE_TIMEOUT", "120"))
 #: the file, in the cache directory, that records the SHA-256 of every object built there
 INDEX = "index.json"
+#: index key prefix of a flag set the compiler rejected (with its error), so that later processes skip it
+FAILED = "failed-"
+#: why the loaded kernels are slower than the preferred build (a flag set was rejected), or ``None``
+degraded: str | None = None
 
 
 class UnsafeCacheError(OSError):
@@ -197,20 +201,26 @@ def build(directory: Path | None = None, force: bool = False) -> tuple[Path, flo
     truncated, corrupt, planted) it is rebuilt. Builds write a temporary file and rename it into place,
     under a lock, so that concurrent first builds never load a partial file and compile once.
     """
+    global degraded
     src = source()
     out_dir = _private_dir(directory if directory is not None else cache_dir())
-    errors = []
+    errors: list[str] = []
     with _build_lock(out_dir):
         index = _read_index(out_dir)
         for cc in _compilers():
             version = _compiler_version(cc)
-            for extra in FLAG_SETS:
+            for rank, extra in enumerate(FLAG_SETS):
                 flags = (*BASE_FLAGS, *extra)
                 parts = (src, cc, version, *flags, *extra_flags(), _cpu_id(), sys.platform)
                 key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
                 target = out_dir / f"torch_adamp_kernels_{key[:20]}.so"
+                degraded = _degraded(cc, rank, errors) if rank else None
                 if not force and _verified(target, index):
                     return target, 0.0
+                failed = FAILED + key[:20]
+                if not force and failed in index:  # this compiler cannot build this flag set: do not retry
+                    errors.append(index[failed])
+                    continue
                 fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".build-", suffix=".so")
                 os.close(fd)
                 so_tmp = Path(tmp_name)
@@ -223,12 +233,14 @@ def build(directory: Path | None = None, force: bool = False) -> tuple[Path, flo
                             text=True,
                             timeout=COMPILE_TIMEOUT,
                         )
-                    except subprocess.TimeoutExpired:
+                    except subprocess.TimeoutExpired:  # not recorded: a loaded machine may build it next time
                         errors.append(f"{cc} {' '.join(extra)}: no result after {COMPILE_TIMEOUT:.0f} s")
                         continue
                     seconds = time.perf_counter() - start
                     if res.returncode != 0:
                         errors.append(f"{cc} {' '.join(extra)}: {res.stderr.strip()[-300:]}")
+                        index[failed] = errors[-1]
+                        _write_index(out_dir, index)
                         continue
                     os.chmod(so_tmp, 0o700)
                     index[target.name] = _sha256(so_tmp)
@@ -237,7 +249,14 @@ def build(directory: Path | None = None, force: bool = False) -> tuple[Path, flo
                     return target, seconds
                 finally:
                     so_tmp.unlink(missing_ok=True)
+    degraded = None
     raise RuntimeError("could not compile the torch_adamp CPU kernels: " + ("; ".join(errors) or "no C compiler found"))
+
+
+def _degraded(cc: str, rank: int, errors: list[str]) -> str:
+    """Why a build with the ``rank``-th flag set (not the first) is slower than the first would be."""
+    lost = ("", "no OpenMP threads (one thread per call)", "no -march=native (generic SIMD only)", "no SIMD pragmas")
+    return f"{cc}: built with {' '.join(FLAG_SETS[rank]) or 'no optional flags'}: {lost[rank]} ({'; '.join(errors)})"
 
 
 class AdamPArgs(ctypes.Structure):
@@ -338,6 +357,14 @@ def load() -> ctypes.CDLL | None:
                 stacklevel=3,
             )
             return None
+        if degraded is not None:
+            warnings.warn(
+                f"torch_adamp: the native CPU kernels were built without a preferred flag set, so they run "
+                f"slower ({degraded}). Install what the compiler lacked (e.g. libgomp for -fopenmp), then "
+                f"remove {path.parent} to rebuild.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         library_path = path
         _lib = lib
         return _lib

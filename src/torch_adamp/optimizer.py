@@ -402,10 +402,21 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         Integer ``step`` counters (reference format) become tensors; moments of
         half-precision parameters stay float32 (torch would cast them down).
         """
+        # torch runs the load hooks inside its load_state_dict; here they run around all of it, so that a
+        # pre hook's state dict is the one checked and migrated, and post hooks see the state as loaded
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         saved = state_dict["state"]
         self._check_loadable(state_dict)  # before anything is replaced
+        hooks = (self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks)
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}  # type: ignore[assignment]
         groups = list(self.param_groups)
-        super().load_state_dict(state_dict)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = hooks
         self._zero.moved(groups, self.param_groups)
         id_map: dict[int, Tensor] = {}
         for g_saved, g in zip(state_dict["param_groups"], self.param_groups, strict=True):
@@ -429,6 +440,8 @@ class ProjectedOptimizer(TrackStats, Optimizer):
                     and group.get("fp32_state", True)
                 ):
                     st[name] = v.to(device=p.device, dtype=torch.float32)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _check_loadable(self, state_dict: dict[str, Any]) -> None:
         """Group values as at construction, and numeric step counters: raise ``ValueError`` naming the value."""

@@ -90,6 +90,8 @@ class Projected(TrackStats, Optimizer):
     what ``inner`` does, takes no Python decision on a tensor, and compiles
     with ``torch.compile(fullgraph=True)`` where ``inner.step`` does. FSDP2
     DTensor parameters are supported with one packed ``all_reduce`` per step.
+    Refused at construction and ``add_param_group``: complex parameters (pass
+    ``torch.view_as_real(p)``) and ``differentiable=True`` inner optimizers.
 
     **Memory.** One buffer per projected candidate, the size of the parameter,
     allocated at its first step and reused afterwards (never in
@@ -143,6 +145,7 @@ class Projected(TrackStats, Optimizer):
         for g in inner.param_groups:
             self._check({**options, **{k: g[k] for k in OPTIONS if k in g}})
             self._decay_kind(g)
+            self._check_params(g)
         # torch's hooks and step patching; our add_param_group ignores the placeholder group
         super().__init__([{"params": []}], options)
         self._ready = True
@@ -174,16 +177,35 @@ class Projected(TrackStats, Optimizer):
             return  # Optimizer.__init__'s placeholder
         self._check({**self.defaults, **param_group})
         self._decay_kind(param_group)
+        if not isinstance(param_group.get("params"), Tensor):
+            param_group["params"] = list(param_group["params"])  # a generator is read once
+        self._check_params(param_group)
         self.inner.add_param_group(param_group)
         self._fill_groups()
 
     def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
+        """``inner.state_dict()``, with the state-dict hooks registered on this optimizer run around it."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = self.inner.state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """``inner.load_state_dict``; groups saved without the projection options get this optimizer's."""
+        """``inner.load_state_dict``; groups saved without the projection options get this optimizer's.
+        The load hooks registered on this optimizer run around it, as torch's (a pre hook may return the
+        state dict to load; post hooks see the optimizer loaded)."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         self.inner.load_state_dict(state_dict)
         self._fill_groups()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -209,6 +231,23 @@ class Projected(TrackStats, Optimizer):
         if o["wd_ratio"] > 1:
             raise ValueError(f"Invalid wd_ratio value: {o['wd_ratio']!r}; expected a number in [0, 1]")
         projection.check_scale_invariant(o["scale_invariant"])
+
+    @staticmethod
+    def _check_params(group: dict[str, Any]) -> None:
+        """Refuse what the projection cannot take, before ``inner`` ever steps: complex parameters (the
+        cosine test and norms are for real tensors) and ``differentiable=True`` (the projection runs
+        under ``no_grad``, so the step would silently not be differentiable)."""
+        if group.get("differentiable"):
+            raise ValueError("Projected does not support differentiable=True: the projection is not differentiable")
+        params = group.get("params", [])
+        params = [params] if isinstance(params, Tensor) else params
+        for i, p in enumerate(params):
+            p = p[1] if isinstance(p, tuple) else p
+            if isinstance(p, Tensor) and p.is_complex():
+                raise ValueError(
+                    f"parameter #{i} (shape {tuple(p.shape)}) of its parameter group is complex; Projected does "
+                    "not support complex parameters (pass torch.view_as_real(p) as a real parameter instead)"
+                )
 
     def _decay_kind(self, group: dict[str, Any]) -> bool:
         """Whether the group's ``weight_decay`` is decoupled (``False`` also when there is none)."""
