@@ -78,6 +78,9 @@ case ",$extras," in
     # the timm integration's tests load timm's optimizer registry from the installed files; --no-deps
     # because timm's torchvision dependency would replace the CPU torch by the CUDA build
     "${pip[@]}" install -q --no-deps timm
+    # the DeepSpeed tests: DS_BUILD_OPS=0 builds no ops at install time (torch's CPU build is kept; at first use
+    # DeepSpeed JIT-builds its small shared-memory op with ninja, installed with it, and g++)
+    DS_BUILD_OPS=0 "${pip[@]}" install -q -e ".[deepspeed]"
     ;;
 esac
 "$venv/bin/python" - "$TORCH_VERSION" <<'PY'

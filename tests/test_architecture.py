@@ -24,6 +24,7 @@ LAYERS = {
     "diagnostics": 1,
     "engine": 2,
     "distributed": 3,
+    "zero": 3.5,
     "functional": 4,
     "optimizer": 4,
     "adamp": 5,

@@ -26,8 +26,9 @@ Flat 1-D shards (FSDP1 ``FlatParameter``, FSDP1 ``use_orig_params=True``
 sharded views) hide the weight's shape, so the projection could never apply
 and AdamP would silently become AdamW: they are refused with
 :class:`FlatParameterError`, unless their group sets ``scale_invariant=False``
-(no projection wanted). Flat buffers that carry no marker at all (DeepSpeed
-ZeRO-1/2 partitions) cannot be detected; see docs/distributed.md.
+(no projection wanted). DeepSpeed ZeRO's flat partitions carry no marker; they
+are recognised as replacing the optimizer's own parameters, and supported, in
+:mod:`torch_adamp.zero`.
 """
 
 from __future__ import annotations

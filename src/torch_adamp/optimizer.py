@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
-from . import distributed, engine, projection
+from . import distributed, engine, projection, zero
 from .engine import precision
 from .rules import Rule
 
@@ -218,6 +218,8 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         self._stats_copies = {}
         #: what the native kernels keep between steps (guesses, spare block); never in state_dict()
         self._workspace = engine.Workspace()
+        #: the parameters each group was built with: recognises DeepSpeed ZeRO's flat partitions
+        self._zero = zero.Groups()
         super().__init__(params, defaults)
 
     # -- argument checks -------------------------------------------------------------
@@ -268,6 +270,7 @@ class ProjectedOptimizer(TrackStats, Optimizer):
                 )
         distributed.check_flat(merged, params, lambda i, p: self._describe(param_group, i, p), type(self).__name__)
         super().add_param_group(param_group)
+        self._zero.register(param_group)
 
     # -- the step ----------------------------------------------------------------------
     def _step_group(
@@ -279,6 +282,8 @@ class ProjectedOptimizer(TrackStats, Optimizer):
     ) -> None:
         """Initialise state and run the engine's step of one group (``scaling``: GradScaler's tensors)."""
         rule = self.rule
+        # DeepSpeed ZeRO substituted flat partitions (torch_adamp.zero): recognised or refused before any change
+        layout = self._zero.resolve(group, params, lambda i: self._describe(group, i, params[i]), type(self).__name__)
         names = rule.state_names
         states = [self.state[p] for p in params]  # one lookup per parameter (Tensor.__hash__ is Python)
         for p, state in zip(params, states, strict=True):
@@ -292,6 +297,9 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         lists = [[s[name] for s in states] for name in names]
         if rule.counts_steps:
             lists.append([s["step"] for s in states])
+        if layout is not None:  # a DeepSpeed ZeRO partition: see torch_adamp.zero
+            self._zero_step(group, layout, params[0], lists)
+            return
         dist, local = self._dist(group, params, [p.grad for p in params], *lists)  # DTensors (FSDP2) -> shards
         if dist is not None and group.get("caution"):
             raise NotImplementedError(
@@ -315,6 +323,17 @@ class ProjectedOptimizer(TrackStats, Optimizer):
             dist=dist,
             workspace=self._workspace,
         )
+
+    def _zero_step(self, group: dict[str, Any], layout: zero.Layout, flat: Tensor, lists: list[list[Any]]) -> None:
+        for option in ("caution", "track_stats"):
+            if group.get(option):
+                raise NotImplementedError(
+                    f"{option}=True is not supported on DeepSpeed ZeRO partitions yet; set {option}=False"
+                )
+        k = len(self.rule.state_names)
+        steps = lists[k][0] if self.rule.counts_steps else None
+        assert flat.grad is not None
+        zero.step(self.rule, layout, flat, flat.grad, [lst[0] for lst in lists[:k]], steps, self.rule.options(group))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -391,6 +410,10 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         self.__dict__.setdefault("_last_stats", [])  # not pickled (torch's __getstate__)
         self.__dict__.setdefault("_stats_copies", {})
         self.__dict__.setdefault("_workspace", engine.Workspace())
+        if "_zero" not in self.__dict__:
+            self._zero = zero.Groups()
+            for group in self.param_groups:
+                self._zero.register(group)
         # groups saved by the reference package (or an older version) lack our options; torch's own
         # additions to ``defaults`` (e.g. "differentiable") are not ours to put into the groups
         ours = self._option_names()
@@ -424,10 +447,12 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         self._check_loadable(state_dict)  # before anything is replaced
         hooks = (self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks)
         self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}  # type: ignore[assignment]
+        groups = list(self.param_groups)
         try:
             super().load_state_dict(state_dict)
         finally:
             self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = hooks
+        self._zero.moved(groups, self.param_groups)
         id_map: dict[int, Tensor] = {}
         for g_saved, g in zip(state_dict["param_groups"], self.param_groups, strict=True):
             id_map.update(zip(g_saved["params"], g["params"], strict=True))

@@ -238,26 +238,13 @@ def coefficients_from_row_sums(
     shapes = [tuple(p.shape) for p in params] if global_shapes is None else [tuple(s) for s in global_shapes]
     rows = [p.shape[0] for p in params]  # local rows
 
-    counts = torch.tensor(rows, device=device)
-    total_rows = sum(rows)
-    seg = torch.repeat_interleave(torch.arange(n, device=device), counts, output_size=total_rows)
-    chan_thr = torch.tensor([delta / math.sqrt(math.prod(s[1:])) for s in shapes], dtype=dtype, device=device)
-    layer_thr = torch.tensor([delta / math.sqrt(math.prod(s)) for s in shapes], dtype=dtype, device=device)
-
-    def channel_fail(rs: Tensor) -> Tensor:
-        cos = rs[:, 0].abs() / (rs[:, 2].sqrt().clamp_min(eps) * rs[:, 1].sqrt().clamp_min(eps))
-        # NaN counts as a failure, and so does a squared norm that overflowed (its cosine would read 0,
-        # and the projection would spread one huge element over the whole row)
-        ok = (cos < chan_thr[seg]) & rs[:, 1].isfinite() & rs[:, 2].isfinite()
-        return (~ok).to(dtype)
-
+    seg, chan_thr, layer_thr = _segments(rows, shapes, delta, dtype, device)
     split = list(rows_split) if rows_split is not None else [False] * n
     any_split = all_reduce is not None and any(split)
     if any_split:
         split_rows = torch.tensor(split, device=device)[seg]
     # per tensor: [#rows failing the channel test, sum <p,g>, sum ||p||^2, sum ||g||^2, sum <p,u>]
-    per_row = torch.cat([channel_fail(row_sums).unsqueeze(1), row_sums], dim=1)
-    totals = torch.zeros(n, 5, dtype=dtype, device=device).index_add_(0, seg, per_row)
+    totals = _totals(row_sums, seg, n, chan_thr, eps)
     if all_reduce is not None:
         if any_split:
             # one collective: whole-row tensors send their 5 totals, split-row
@@ -267,12 +254,68 @@ def coefficients_from_row_sums(
             totals = packed[: 5 * n].view(n, 5)
             row_sums = row_sums.clone()
             row_sums[split_rows] = packed[5 * n :].view(-1, 4)
-            per_row = torch.cat([channel_fail(row_sums).unsqueeze(1), row_sums], dim=1)
-            split_totals = torch.zeros(n, 5, dtype=dtype, device=device).index_add_(0, seg, per_row)
+            split_totals = _totals(row_sums, seg, n, chan_thr, eps)
             totals = torch.where(torch.tensor(split, device=device).unsqueeze(1), split_totals, totals)
         else:
             all_reduce(totals.view(-1))
+    coef, view = _decide(row_sums, totals, seg, layer_thr, eps, mode)
+    coefs = [c.view(_row_shape(p)) for c, p in zip(coef.split(rows), params, strict=True)]
+    return coefs, view, row_sums[:, [1, 3]]
 
+
+def coefficients_from_row_sums(
+    row_sums: Tensor,
+    shapes: Sequence[Sequence[int]],
+    *,
+    delta: float,
+    eps: float,
+    mode: ScaleInvariant = "auto",
+) -> tuple[Tensor, Tensor]:
+    """The decision and the per-row coefficients of :func:`projection_coefficients`, from complete row sums.
+
+    ``row_sums`` is ``(total_rows, 4)``: per row of every tensor of ``shapes``
+    (all projectable, rows in order), ``<p,g>``, ``||p||^2``, ``||g||^2`` and
+    ``<p,u>`` of the **whole** row, e.g. partial sums of pieces already summed
+    over the ranks that hold them (DeepSpeed ZeRO partitions). Returns
+    ``(coef, view)``: ``coef`` of shape ``(total_rows,)``, with the projected
+    update of row ``i`` being ``u_i - coef_i * w_i``, and ``view`` (``(n,)``,
+    int64) the view code per tensor; the same arithmetic as
+    :func:`projection_coefficients`.
+    """
+    rows = [s[0] for s in shapes]
+    seg, chan_thr, layer_thr = _segments(rows, shapes, delta, row_sums.dtype, row_sums.device)
+    totals = _totals(row_sums, seg, len(rows), chan_thr, eps)
+    return _decide(row_sums, totals, seg, layer_thr, eps, mode)
+
+
+def _segments(
+    rows: Sequence[int], shapes: Sequence[Sequence[int]], delta: float, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row the index of its tensor; per tensor the channel and layer thresholds."""
+    n = len(rows)
+    counts = torch.tensor(rows, device=device)
+    seg = torch.repeat_interleave(torch.arange(n, device=device), counts, output_size=sum(rows))
+    chan_thr = torch.tensor([delta / math.sqrt(math.prod(s[1:])) for s in shapes], dtype=dtype, device=device)
+    layer_thr = torch.tensor([delta / math.sqrt(math.prod(s)) for s in shapes], dtype=dtype, device=device)
+    return seg, chan_thr, layer_thr
+
+
+def _totals(row_sums: Tensor, seg: Tensor, n: int, chan_thr: Tensor, eps: float) -> Tensor:
+    """Per tensor: [#rows failing the channel test, sum <p,g>, sum ||p||^2, sum ||g||^2, sum <p,u>]."""
+    rs = row_sums
+    cos = rs[:, 0].abs() / (rs[:, 2].sqrt().clamp_min(eps) * rs[:, 1].sqrt().clamp_min(eps))
+    # NaN counts as a failure, and so does a squared norm that overflowed (its cosine would read 0,
+    # and the projection would spread one huge element over the whole row)
+    ok = (cos < chan_thr[seg]) & rs[:, 1].isfinite() & rs[:, 2].isfinite()
+    per_row = torch.cat([(~ok).to(rs.dtype).unsqueeze(1), rs], dim=1)
+    return torch.zeros(n, 5, dtype=rs.dtype, device=rs.device).index_add_(0, seg, per_row)
+
+
+def _decide(
+    row_sums: Tensor, totals: Tensor, seg: Tensor, layer_thr: Tensor, eps: float, mode: ScaleInvariant
+) -> tuple[Tensor, Tensor]:
+    """Per row the coefficient, per tensor the view, from the (global) row sums and totals."""
+    n, device = totals.shape[0], totals.device
     if mode == "auto":
         channel = totals[:, 0] == 0
         cos_l = totals[:, 1].abs() / (totals[:, 3].sqrt().clamp_min(eps) * totals[:, 2].sqrt().clamp_min(eps))
@@ -285,5 +328,4 @@ def coefficients_from_row_sums(
     coef_c = row_sums[:, 3] / (row_sums[:, 1].sqrt() + eps).square()
     coef_l = totals[:, 4] / (totals[:, 2].sqrt() + eps).square()
     coef = torch.where(channel[seg], coef_c, torch.where(layer[seg], coef_l[seg], torch.zeros_like(coef_c)))
-    coefs = [c.view(_row_shape(p)) for c, p in zip(coef.split(rows), params, strict=True)]
-    return coefs, view, row_sums[:, [1, 3]]
+    return coef, view
