@@ -194,7 +194,7 @@ def _instrument(engine: Any, opt: torch.optim.Optimizer) -> Iterator[dict[str, A
     rec: dict[str, Any] = {"collectives": [], "views": [], "inside": False, "fresh": False}
     saved = {n: getattr(dist, n) for n in COLLECTIVES}
     original_step = opt.step
-    original_decide = zero.projection.coefficients_from_row_sums
+    original_decide = zero.projection.row_coefficients
 
     def counting(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(*a: Any, **k: Any) -> Any:
@@ -230,7 +230,7 @@ def _instrument(engine: Any, opt: torch.optim.Optimizer) -> Iterator[dict[str, A
         setattr(dist, n, counting(n, saved[n]))
     engine.step = outer
     opt.step = step  # type: ignore[method-assign]
-    zero.projection.coefficients_from_row_sums = decide  # type: ignore[attr-defined]
+    zero.projection.row_coefficients = decide  # type: ignore[attr-defined]
     try:
         yield rec
     finally:
@@ -238,7 +238,7 @@ def _instrument(engine: Any, opt: torch.optim.Optimizer) -> Iterator[dict[str, A
             setattr(dist, n, saved[n])
         del opt.step
         del engine.step
-        zero.projection.coefficients_from_row_sums = original_decide  # type: ignore[attr-defined]
+        zero.projection.row_coefficients = original_decide  # type: ignore[attr-defined]
 
 
 def _engine(

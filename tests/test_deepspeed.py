@@ -229,3 +229,25 @@ def test_options_on_a_one_rank_partition(
     assert seen & {"channel", "layer"}, seen  # the projection fired
     got_params = torch.cat([p.detach().reshape(-1) for p in ref_model.parameters()])
     torch.testing.assert_close(flat.detach(), got_params, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("what", ["caution", "track_stats", "grad_scaler"])
+def test_what_a_partition_cannot_take_is_refused_before_any_change(what: str) -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+    opt = AdamP(model.parameters(), lr=0.1, **({what: True} if what != "grad_scaler" else {}))
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p._hp_mapping = _Mapping(flat, offset, p.numel())  # type: ignore[attr-defined]
+        p._dp_group = "dp"  # type: ignore[attr-defined]
+        offset += p.numel()
+    flat = nn.Parameter(flat)
+    flat.grad = torch.randn_like(flat)
+    opt.param_groups[0]["params"] = [flat]
+    if what == "grad_scaler":  # what torch.amp.GradScaler.step sets on an optimizer with the protocol
+        opt.grad_scale, opt.found_inf = torch.tensor(2.0**8), torch.tensor(0.0)  # type: ignore[attr-defined]
+    before = flat.detach().clone()
+    with pytest.raises(NotImplementedError, match="GradScaler" if what == "grad_scaler" else what):
+        opt.step()
+    assert torch.equal(flat.detach(), before) and not opt.state

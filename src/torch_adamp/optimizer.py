@@ -284,6 +284,8 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         rule = self.rule
         # DeepSpeed ZeRO substituted flat partitions (torch_adamp.zero): recognised or refused before any change
         layout = self._zero.resolve(group, params, lambda i: self._describe(group, i, params[i]), type(self).__name__)
+        if layout is not None:
+            self._check_zero(group, scaling)
         names = rule.state_names
         states = [self.state[p] for p in params]  # one lookup per parameter (Tensor.__hash__ is Python)
         for p, state in zip(params, states, strict=True):
@@ -324,12 +326,21 @@ class ProjectedOptimizer(TrackStats, Optimizer):
             workspace=self._workspace,
         )
 
-    def _zero_step(self, group: dict[str, Any], layout: zero.Layout, flat: Tensor, lists: list[list[Any]]) -> None:
+    @staticmethod
+    def _check_zero(group: dict[str, Any], scaling: tuple[Tensor | None, Tensor | None]) -> None:
+        """What a DeepSpeed ZeRO partition cannot take yet: refused before any state is created."""
         for option in ("caution", "track_stats"):
             if group.get(option):
                 raise NotImplementedError(
                     f"{option}=True is not supported on DeepSpeed ZeRO partitions yet; set {option}=False"
                 )
+        if scaling[0] is not None or scaling[1] is not None:
+            raise NotImplementedError(
+                "torch.amp.GradScaler's grad_scale/found_inf on a DeepSpeed ZeRO partition: DeepSpeed scales the "
+                "loss itself (its fp16 config); do not wrap the DeepSpeed engine's optimizer in a GradScaler"
+            )
+
+    def _zero_step(self, group: dict[str, Any], layout: zero.Layout, flat: Tensor, lists: list[list[Any]]) -> None:
         k = len(self.rule.state_names)
         steps = lists[k][0] if self.rule.counts_steps else None
         assert flat.grad is not None

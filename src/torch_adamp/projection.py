@@ -263,7 +263,7 @@ def coefficients_from_row_sums(
     return coefs, view, row_sums[:, [1, 3]]
 
 
-def coefficients_from_row_sums(
+def row_coefficients(
     row_sums: Tensor,
     shapes: Sequence[Sequence[int]],
     *,

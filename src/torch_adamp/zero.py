@@ -32,7 +32,7 @@ partition in place (:func:`step`):
    every rank then holds the sums of every whole row (rows cut by a
    partition boundary are summed across the ranks holding their parts);
 4. the decision and the per-row coefficients from those sums
-   (:func:`torch_adamp.projection.coefficients_from_row_sums`, the arithmetic
+   (:func:`torch_adamp.projection.row_coefficients`, the arithmetic
    of the unsharded multi-tensor path), identical on every rank;
 5. ``u <- u - c w`` on the row views, decay by the view taken, step.
 
@@ -289,9 +289,7 @@ def step(
         pu = torch.cat([torch.linalg.vecdot(x, y, dim=1) for x, y in zip(W, Uv, strict=True)])
         sums.index_add_(0, layout.row_index, torch.stack([pg, p_norm * p_norm, g_norm * g_norm, pu], dim=1))
     _all_reduce(sums.view(-1), layout.group)  # the step's one collective
-    coef, view = projection.coefficients_from_row_sums(
-        sums, layout.shapes, delta=o.delta, eps=o.eps, mode=o.scale_invariant
-    )
+    coef, view = projection.row_coefficients(sums, layout.shapes, delta=o.delta, eps=o.eps, mode=o.scale_invariant)
     layout.views = view
     if W:
         c = coef[layout.row_index].split([k for _, k, _, _ in layout.pieces])
