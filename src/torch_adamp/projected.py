@@ -9,6 +9,7 @@ to the whole update of an optimizer it wraps (AdamW, Adafactor, RAdam, NAdam,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,12 +17,21 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import distributed, projection
+from . import distributed, projection, zero
 from .engine import fused, precision
 from .optimizer import TrackStats, _check_nonneg, amp_attributes, reused_copies
 from .rules import Scaling
 
 __all__ = ["Projected"]
+
+
+def _describe(i: int, p: Tensor) -> str:
+    return f"parameter #{i} (shape {tuple(p.shape)}) of its parameter group"
+
+
+def _describe_at(params: Sequence[Tensor], i: int) -> str:
+    return _describe(i, params[i])
+
 
 #: optimizer classes (by name) whose ``weight_decay`` is decoupled, ``w <- (1 - lr wd) w`` before the step,
 #: and that have no ``decoupled_weight_decay`` group key saying so themselves
@@ -156,6 +166,7 @@ class Projected(TrackStats, Optimizer):
         self._pre_grad: dict[Tensor, Tensor] = {}  # param -> its gradient, for MUTATES_GRADS optimizers
         self._last_stats = []
         self._stats_copies = {}
+        self._zero = zero.Groups()  # the parameters each group was built with: a substitution is refused
         for g in inner.param_groups:
             self._check({**options, **{k: g[k] for k in OPTIONS if k in g}})
             self._decay_kind(g)
@@ -166,6 +177,8 @@ class Projected(TrackStats, Optimizer):
         inner.defaults.update(options)  # groups added to inner later get them too
         self.defaults = inner.defaults
         self._fill_groups()
+        for g in inner.param_groups:
+            self._zero.register(g)
 
     # -- sharing the inner optimizer's containers ----------------------------------------
     @property
@@ -196,6 +209,7 @@ class Projected(TrackStats, Optimizer):
         self._check_params(param_group)
         self.inner.add_param_group(param_group)
         self._fill_groups()
+        self._zero.register(self.inner.param_groups[-1])
 
     def state_dict(self) -> dict[str, Any]:
         """``inner.state_dict()``, with the state-dict hooks registered on this optimizer run around it."""
@@ -216,8 +230,10 @@ class Projected(TrackStats, Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        old = list(self.inner.param_groups)
         self.inner.load_state_dict(state_dict)
         self._fill_groups()
+        self._zero.moved(old, self.inner.param_groups)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -301,6 +317,7 @@ class Projected(TrackStats, Optimizer):
                 f"grad_scale/found_inf are set on Projected, but {type(self.inner).__name__} does not implement "
                 "GradScaler's protocol (_step_supports_amp_scaling); let GradScaler unscale and skip instead"
             )
+        self._refuse_substituted()
         before = self._stats_before()
         jobs, plain = [], []
         for group in self.param_groups:
@@ -333,6 +350,19 @@ class Projected(TrackStats, Optimizer):
         distributed.run_group_steps(self._project_group, [(*job, views, scaling) for job in jobs])
         self._stats_after(before, views)
         return loss
+
+    def _refuse_substituted(self) -> None:
+        """A group whose parameters a wrapper replaced by flat partitions (DeepSpeed ZeRO, FSDP1) would
+        silently not be projected (1-D tensors are never candidates): refused before ``inner`` steps."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if isinstance(p, Tensor)]
+            distributed.check_flat(group, params, _describe, "Projected")
+            if self._zero.resolve(group, params, functools.partial(_describe_at, params), "Projected") is not None:
+                raise NotImplementedError(
+                    "Projected does not step DeepSpeed ZeRO partitions (the inner optimizer sees flat tensors, "
+                    "so the projection could not apply): pass torch_adamp.AdamP or SGDP to deepspeed.initialize, "
+                    "or set scale_invariant=False on this group"
+                )
 
     def _inner_step(self, scaling: tuple[Tensor | None, Tensor | None]) -> None:
         """``inner.step()``, with GradScaler's ``grad_scale`` and ``found_inf`` forwarded for its duration."""

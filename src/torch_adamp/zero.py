@@ -170,7 +170,8 @@ def _message(what: str, flat: Tensor, optimizer: str) -> str:
         "parameters points into it (no DeepSpeed ZeRO-1/2 _hp_mapping or ZeRO-3 ds_tensor position): "
         f"{optimizer} cannot see the weights' rows, so the scale-invariance test and the projection could never "
         "apply and it would silently behave like AdamW/SGD. Supported: DeepSpeed ZeRO stages 1, 2 and 3 "
-        "(deepspeed.initialize with this optimizer), FSDP2 (torch.distributed.fsdp.fully_shard), DDP / "
+        f"(deepspeed.initialize with {'torch_adamp.AdamP or SGDP' if optimizer == 'Projected' else 'this optimizer'}"
+        "), FSDP2 (torch.distributed.fsdp.fully_shard), DDP / "
         "ZeroRedundancyOptimizer. If you do not want the projection for these parameters, put them in a "
         "parameter group with scale_invariant=False."
     )
