@@ -82,7 +82,7 @@ def test_library_import_does_not_load_the_cli_dependencies() -> None:
     [
         ["compare", "--epochs", "0"],
         ["compare", "--seeds", "x"],
-        ["compare", "--optimizers", "sgd,lion"],
+        ["compare", "--optimizers", "sgd,lamb"],
         ["compare", "--momentum", "1.5"],
         ["compare", "--schedule", "step"],
         ["compare", "--bogus"],

@@ -317,7 +317,7 @@ class Projected(TrackStats, Optimizer):
                 f"grad_scale/found_inf are set on Projected, but {type(self.inner).__name__} does not implement "
                 "GradScaler's protocol (_step_supports_amp_scaling); let GradScaler unscale and skip instead"
             )
-        self._refuse_substituted()
+        self._check_step()
         before = self._stats_before()
         jobs, plain = [], []
         for group in self.param_groups:
@@ -351,11 +351,20 @@ class Projected(TrackStats, Optimizer):
         self._stats_after(before, views)
         return loss
 
-    def _refuse_substituted(self) -> None:
-        """A group whose parameters a wrapper replaced by flat partitions (DeepSpeed ZeRO, FSDP1) would
-        silently not be projected (1-D tensors are never candidates): refused before ``inner`` steps."""
+    def _check_step(self) -> None:
+        """Refused before ``inner`` steps: a sparse gradient of a candidate (the projection needs dense
+        rows), and a group whose parameters a wrapper replaced by flat partitions (DeepSpeed ZeRO, FSDP1),
+        which would silently not be projected (1-D tensors are never candidates)."""
         for group in self.param_groups:
             params = [p for p in group["params"] if isinstance(p, Tensor)]
+            if group["scale_invariant"] is not False:
+                for i, p in enumerate(params):
+                    if p.grad is not None and p.grad.is_sparse and projection.projectable_shape(p.shape):
+                        raise RuntimeError(
+                            f"Projected does not support sparse gradients for the weights it may project, but "
+                            f"{_describe(i, p)} has one; use dense gradients (e.g. nn.Embedding(sparse=False)) "
+                            "or put it in a group with scale_invariant=False"
+                        )
             distributed.check_flat(group, params, _describe, "Projected")
             if self._zero.resolve(group, params, functools.partial(_describe_at, params), "Projected") is not None:
                 raise NotImplementedError(
