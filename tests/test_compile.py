@@ -143,3 +143,26 @@ def test_compiled_step_keeps_optimizer_state_shared() -> None:
     sd = copy.deepcopy(opt.state_dict())
     assert len(sd["state"]) == len(list(m.parameters()))
     assert all(float(s["step"]) == 1.0 for s in sd["state"].values())
+
+
+def test_native_available_carries_torchs_constant_mark() -> None:
+    """``fused.native_available`` is marked as ``torch.compiler.assume_constant_result`` marks a function
+    (without importing dynamo at ``import torch_adamp``): the same attributes, the same values."""
+
+    def probe() -> bool:
+        return True
+
+    marked = torch.compiler.assume_constant_result(probe)
+    added = {k: v for k, v in vars(marked).items()}
+    assert added, "torch no longer marks the function: update fused._assume_constant_result"
+    assert {k: vars(_fused.native_available).get(k) for k in added} == added
+
+
+def test_import_does_not_load_dynamo() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, torch_adamp; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"

@@ -72,8 +72,15 @@ def _native_available() -> bool:
     return backend_choice() != "compile" and _native.load() is not None
 
 
+def _assume_constant_result(fn: Callable[[], bool]) -> Callable[[], bool]:
+    """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo`` (2-3 s) when
+    torch_adamp is imported: it only marks ``fn`` (tests/test_compile.py checks it is the same mark)."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
 #: whether the CPU kernels can be used (builds them on first call; a constant under ``torch.compile``)
-native_available: Callable[[], bool] = torch.compiler.assume_constant_result(_native_available)
+native_available: Callable[[], bool] = _assume_constant_result(_native_available)
 
 
 def default_is_fused(params: Sequence[Tensor]) -> bool:
