@@ -661,3 +661,29 @@ def one_thread() -> Iterable[None]:
         yield
     finally:
         torch.set_num_threads(n)
+
+
+class _Address:
+    def __init__(self, start: int, numel: int) -> None:
+        self.start, self.numel = start, numel
+
+
+class _Mapping:
+    """What DeepSpeed ZeRO-1/2 puts on a parameter (``_hp_mapping``), for one rank holding everything."""
+
+    def __init__(self, flat: torch.Tensor, start: int, numel: int) -> None:
+        self.lp_fragment_address = _Address(0, numel)
+        self.hp_fragment_address = _Address(start, numel)
+        self.hp_fragment = flat.narrow(0, start, numel)
+
+
+def one_rank_zero_partition(params: list[torch.nn.Parameter], mapped: bool = True) -> torch.nn.Parameter:
+    """The flat partition DeepSpeed ZeRO-1/2 would hand one rank holding every parameter of ``params``
+    (``mapped``: with the ``_hp_mapping`` / ``_dp_group`` attributes it puts on the model's parameters)."""
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params if mapped else []:
+        p._hp_mapping = _Mapping(flat, offset, p.numel())  # type: ignore[attr-defined]
+        p._dp_group = "dp"  # type: ignore[attr-defined]
+        offset += p.numel()
+    return torch.nn.Parameter(flat)

@@ -37,6 +37,7 @@ pytestmark = pytest.mark.skipif(
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _ds_workers  # noqa: E402
+from helpers import one_rank_zero_partition  # noqa: E402
 
 
 def _free_port() -> int:
@@ -163,20 +164,6 @@ def test_a_group_of_1d_parameters_needs_no_layout() -> None:
     opt.step()
 
 
-class _Address:
-    def __init__(self, start: int, numel: int) -> None:
-        self.start, self.numel = start, numel
-
-
-class _Mapping:
-    """What DeepSpeed ZeRO-1/2 puts on a parameter (``_hp_mapping``), for one rank holding everything."""
-
-    def __init__(self, flat: torch.Tensor, start: int, numel: int) -> None:
-        self.lp_fragment_address = _Address(0, numel)
-        self.hp_fragment_address = _Address(start, numel)
-        self.hp_fragment = flat.narrow(0, start, numel)
-
-
 OPTIONS = [
     (AdamP, {"lr": 1e-2, "weight_decay": 1e-2}),
     (AdamP, {"lr": 1e-2, "weight_decay": 1e-2, "scale_invariant": "layer", "wd_ratio": 0.5, "maximize": True}),
@@ -201,13 +188,7 @@ def test_options_on_a_one_rank_partition(
     opt = cls(model.parameters(), **kw)
     ref = cls(ref_model.parameters(), **kw, foreach=True, track_stats=True)
     params = list(model.parameters())
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    offset = 0
-    for p in params:
-        p._hp_mapping = _Mapping(flat, offset, p.numel())  # type: ignore[attr-defined]
-        p._dp_group = "dp"  # type: ignore[attr-defined]
-        offset += p.numel()
-    flat = nn.Parameter(flat)
+    flat = one_rank_zero_partition(params)
     opt.param_groups[0]["params"] = [flat]
     seen: set[str] = set()
     for _ in range(4):
@@ -236,13 +217,7 @@ def test_what_a_partition_cannot_take_is_refused_before_any_change(what: str) ->
     model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
     opt = AdamP(model.parameters(), lr=0.1, **({what: True} if what != "grad_scaler" else {}))
     params = list(model.parameters())
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    offset = 0
-    for p in params:
-        p._hp_mapping = _Mapping(flat, offset, p.numel())  # type: ignore[attr-defined]
-        p._dp_group = "dp"  # type: ignore[attr-defined]
-        offset += p.numel()
-    flat = nn.Parameter(flat)
+    flat = one_rank_zero_partition(params)
     flat.grad = torch.randn_like(flat)
     opt.param_groups[0]["params"] = [flat]
     if what == "grad_scaler":  # what torch.amp.GradScaler.step sets on an optimizer with the protocol

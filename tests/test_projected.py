@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import PATHS, path_kwargs
+from helpers import PATHS, one_rank_zero_partition, path_kwargs
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -581,35 +581,14 @@ def test_native_row_sums_are_the_torch_row_sums(dtype: torch.dtype, threads: int
     assert fused.projected_row_sums(wb, g, wa, torch.tensor(1.0)) is None  # a tensor scale: torch's operations
 
 
-class _Address:
-    def __init__(self, start: int, numel: int) -> None:
-        self.start, self.numel = start, numel
-
-
-class _Mapping:
-    """What DeepSpeed ZeRO-1/2 puts on a parameter (``_hp_mapping``), for one rank holding everything."""
-
-    def __init__(self, flat: torch.Tensor, start: int, numel: int) -> None:
-        self.lp_fragment_address = _Address(0, numel)
-        self.hp_fragment_address = _Address(start, numel)
-        self.hp_fragment = flat.narrow(0, start, numel)
-
-
 @pytest.mark.parametrize("layout", [True, False])
 def test_a_substituted_flat_partition_is_refused_before_inner_steps(layout: bool) -> None:
     """DeepSpeed ZeRO (or any flattening wrapper) replaces the group's parameters by one flat tensor: the
     projection could never apply to it, so Projected refuses it instead of silently being AdamW."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
     opt = torch_adamp.Projected(torch.optim.AdamW(model.parameters(), lr=0.1))
-    params = list(model.parameters())
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    if layout:  # a partition whose layout could be recovered (what AdamP/SGDP step exactly)
-        offset = 0
-        for p in params:
-            p._hp_mapping = _Mapping(flat, offset, p.numel())  # type: ignore[attr-defined]
-            p._dp_group = "dp"  # type: ignore[attr-defined]
-            offset += p.numel()
-    flat = torch.nn.Parameter(flat)
+    # layout: a partition whose layout could be recovered (what AdamP/SGDP step exactly)
+    flat = one_rank_zero_partition(list(model.parameters()), mapped=layout)
     flat.grad = torch.randn_like(flat)
     opt.param_groups[0]["params"] = [flat]
     before = flat.detach().clone()
