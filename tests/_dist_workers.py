@@ -47,26 +47,34 @@ STEPS = 20
 
 def launch(scenarios: list[str], timeout: float = 240.0) -> dict[str, list[dict[str, Any]]]:
     """Run ``scenarios`` (names of functions below) in 2 spawned ranks; ``{name: [rank0, rank1]}``."""
+    return spawn_ranks(_worker, scenarios, WORLD, "distributed scenarios", timeout)
+
+
+def spawn_ranks(
+    worker: Callable[[int, str, list[str]], None], scenarios: list[str], world: int, what: str, timeout: float
+) -> dict[str, list[dict[str, Any]]]:
+    """Run ``worker(rank, tmp, scenarios)`` in ``world`` spawned ranks; each pickles ``{name: result}`` to
+    ``tmp/rank{rank}.pkl``. Returns ``{name: [result of rank 0, ...]}``; ranks still alive at the end are killed."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.start_processes(
-            _worker, args=(tmp, scenarios), nprocs=WORLD, join=False, start_method="spawn", daemon=True
+            worker, args=(tmp, scenarios), nprocs=world, join=False, start_method="spawn", daemon=True
         )
         deadline = time.monotonic() + timeout
         try:
             while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"distributed scenarios did not finish in {timeout:.0f} s")
+                    raise TimeoutError(f"{what} did not finish in {timeout:.0f} s")
         finally:
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
         results = []
-        for rank in range(WORLD):
+        for rank in range(world):
             with open(os.path.join(tmp, f"rank{rank}.pkl"), "rb") as f:
                 results.append(pickle.load(f))
-    return {name: [results[r][name] for r in range(WORLD)] for name in scenarios}
+    return {name: [results[r][name] for r in range(world)] for name in scenarios}
 
 
 def _worker(rank: int, tmp: str, scenarios: list[str]) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import os
 import pickle
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from _dist_workers import spawn_ranks
 from torch import Tensor, nn
 
 import torch_adamp
@@ -40,26 +40,7 @@ MICRO = 4  # micro-batch per rank
 
 def launch(scenarios: list[str], timeout: float = 240.0) -> dict[str, list[dict[str, Any]]]:
     """Run ``scenarios`` (names of functions below) in 2 spawned ranks; ``{name: [rank0, rank1]}``."""
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(
-            _worker, args=(tmp, scenarios), nprocs=WORLD, join=False, start_method="spawn", daemon=True
-        )
-        deadline = time.monotonic() + timeout
-        try:
-            while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"DeepSpeed scenarios did not finish in {timeout:.0f} s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-        results = []
-        for rank in range(WORLD):
-            with open(os.path.join(tmp, f"rank{rank}.pkl"), "rb") as f:
-                results.append(pickle.load(f))
-    return {name: [results[r][name] for r in range(WORLD)] for name in scenarios}
+    return spawn_ranks(_worker, scenarios, WORLD, "DeepSpeed scenarios", timeout)
 
 
 def _worker(rank: int, tmp: str, scenarios: list[str]) -> None:
