@@ -95,13 +95,15 @@ static T FN(adam_wu_any)(const FN(hyp_t) * h, const T* p, const T* g, T* m, T* v
    moments, stages u in a scratch buffer and sums <w,g>, ||w||^2, ||g||^2 and <w,u> per row (everything the
    decision and both views need, so the layer view costs no extra sweep); sweep B steps from the staged u,
    still in the last-level cache. Either way u is computed once per element. */
-INL void FN(adam_stage)(const FN(hyp_t) * h, const T* restrict p, const T* restrict g, T* restrict m, T* restrict v,
+INL void FN(adam_stage)(const FN(hyp_t) * hp, const T* restrict p, const T* restrict g, T* restrict m, T* restrict v,
                         T* restrict U, int64_t C, T* restrict out, const int nest) {
+    const FN(hyp_t) hl = *hp, *h = &hl; /* a local copy: the stores of the loop cannot alias it */
     ROW_SWEEP(p, g, C, h->sgn, h->gs, out, FN(adam_u)(h, gj, m + j, v + j, nest, 1), U[j] = u);
 }
 
-INL void FN(adam_apply)(const FN(hyp_t) * h, T* restrict p, const T* restrict U, int64_t N, T c, const int dec,
+INL void FN(adam_apply)(const FN(hyp_t) * hp, T* restrict p, const T* restrict U, int64_t N, T c, const int dec,
                         const int proj) {
+    const FN(hyp_t) hl = *hp, *h = &hl;
 #pragma omp simd
     for (int64_t j = 0; j < N; j++) {
         T pj = p[j];
@@ -126,6 +128,39 @@ static void FN(adam_apply_any)(const FN(hyp_t) * h, T* p, const T* U, int64_t N,
     } else {
         if (proj) FN(adam_apply)(h, p, U, N, c, 0, 1); else FN(adam_apply)(h, p, U, N, c, 0, 0);
     }
+}
+
+/* adam_apply in blocks of PF_BLOCK elements, each block first streamed to bak when bak is not NULL (the old
+   values of a row written under a guess that can fail), and one cache line of each of four other arrays
+   prefetched per block at pf + (e0 + j) / 4 when pf0 is not NULL (the next rows of a speculative sweep,
+   read from memory while this runs from the cache). Element-wise: the same bits as adam_apply. */
+INL void FN(adam_apply_pf)(const FN(hyp_t) * h, T* restrict p, const T* restrict U, int64_t N, T c, const int dec,
+                           const int proj, T* restrict bak, int64_t e0, const T* pf0, const T* pf1, const T* pf2,
+                           const T* pf3) {
+    int64_t j = 0;
+    for (; j < N; j += PF_BLOCK) {
+        const int64_t len = N - j < PF_BLOCK ? N - j : PF_BLOCK;
+        if (pf0 != NULL) {
+            const int64_t q = (e0 + j) / 4;
+            __builtin_prefetch(pf0 + q);
+            __builtin_prefetch(pf1 + q);
+            __builtin_prefetch(pf2 + q);
+            __builtin_prefetch(pf3 + q);
+        }
+        if (bak != NULL) STREAM_COPY(bak + j, p + j, len);
+        FN(adam_apply)(h, p + j, U + j, len, c, dec, proj);
+    }
+}
+
+static void FN(adam_apply_pf_any)(const FN(hyp_t) * h, T* p, const T* U, int64_t N, T c, int dec, int proj, T* bak,
+                                  int64_t e0, const T* pf0, const T* pf1, const T* pf2, const T* pf3) {
+#define CALL(a, b) FN(adam_apply_pf)(h, p, U, N, c, a, b, bak, e0, pf0, pf1, pf2, pf3)
+    if (dec) {
+        if (proj) CALL(1, 1); else CALL(1, 0);
+    } else {
+        if (proj) CALL(0, 1); else CALL(0, 0);
+    }
+#undef CALL
 }
 
 /* Recovery after a wrong guess: rows stepped from their old values src (the copy of a written row, or the
@@ -168,29 +203,39 @@ static void FN(adam_redo_any)(const FN(hyp_t) * h, T* p, const T* src, const T* 
    view decided from the same row sums, so the result does not depend on the guess. Returns that view. */
 static int FN(adam_speculate)(const FN(hyp_t) * h, T* p, const T* g, T* m, T* v, int64_t R, int64_t C, int spec,
                               int check, double lr, double wd, double delta, double wd_ratio, int mode, int nest,
-                              T* buf, int64_t max_c, T* bak, char* written, T* stats, int nt,
+                              T* buf, int64_t max_u, T* bak, char* written, T* stats, int nt,
                               int64_t* counts) {
     const int dec = wd > 0;
     const T chan_thr = (T)(delta / sqrt((double)C));
     FN(hyp_t) hs = *h;
     hs.f = FN(decay)(lr, wd, wd_ratio, 1.0, spec);
     int stop = 0;
-    PFOR(nt > 1 && R > 1 && R * C >= PAR_MIN, r, R, {
-        int64_t o = r * C;
-        T* st = stats + 4 * r;
-        T* u = buf + max_c * omp_thread();
-        FN(adam_stage_any)(&hs, p + o, g + o, m + o, v + o, u, C, st, nest);
-        int write = !__atomic_load_n(&stop, __ATOMIC_RELAXED);
-        if (write && check && spec == VIEW_CHANNEL && !FN(passes)(st, hs.eps, chan_thr)) {
-            __atomic_store_n(&stop, 1, __ATOMIC_RELAXED);
-            write = 0;
+    /* rows in groups of about SPEC_GROUP elements (short rows: memory streams longer runs between the cached
+       sweeps); each row keeps its own sums and its own test, in row order */
+    const int64_t per = C >= SPEC_GROUP ? 1 : SPEC_GROUP / C, G = (R + per - 1) / per;
+    PFOR(nt > 1 && G > 1 && R * C >= PAR_MIN, k, G, {
+        const int64_t r0 = k * per, r1 = r0 + per < R ? r0 + per : R;
+        T* u = buf + max_u * omp_thread();
+        for (int64_t r = r0; r < r1; r++)
+            FN(adam_stage_any)(&hs, p + r * C, g + r * C, m + r * C, v + r * C, u + (r - r0) * C, C, stats + 4 * r,
+                               nest);
+        for (int64_t r = r0; r < r1; r++) {
+            int64_t o = r * C;
+            T* st = stats + 4 * r;
+            int write = !__atomic_load_n(&stop, __ATOMIC_RELAXED);
+            if (write && check && spec == VIEW_CHANNEL && !FN(passes)(st, hs.eps, chan_thr)) {
+                __atomic_store_n(&stop, 1, __ATOMIC_RELAXED);
+                write = 0;
+            }
+            if (write) {
+                T c = spec == VIEW_CHANNEL ? FN(coef)(st[3], st[1], hs.eps) : 0;
+                const int64_t q = (r0 + per) * C; /* the next group: its first quarter prefetched */
+                const int pf = r0 + per < R;
+                FN(adam_apply_pf_any)(&hs, p + o, u + (r - r0) * C, C, c, dec, spec == VIEW_CHANNEL,
+                                      check ? bak + o : NULL, (r - r0) * C, pf ? p + q : NULL, g + q, m + q, v + q);
+            }
+            written[r] = (char)write;
         }
-        if (write) {
-            if (check) STREAM_COPY(bak + o, p + o, C);
-            T c = spec == VIEW_CHANNEL ? FN(coef)(st[3], st[1], hs.eps) : 0;
-            FN(adam_apply_any)(&hs, p + o, u, C, c, dec, spec == VIEW_CHANNEL);
-        }
-        written[r] = (char)write;
     });
     /* The recovery below re-reads each copied row on the thread that copied it (the same static schedule
        over the same rows), so program order covers the non-temporal stores; the fence orders them for
@@ -205,11 +250,14 @@ static int FN(adam_speculate)(const FN(hyp_t) * h, T* p, const T* g, T* m, T* v,
     if (view == VIEW_LAYER) {
         coef_l = FN(layer_coef)(stats, R, tot[1], hs.eps);
     }
-    PFOR(nt > 1 && R > 1 && R * C >= PAR_MIN, r, R, {
-        int64_t o = r * C;
-        T c = view == VIEW_CHANNEL ? FN(coef)(stats[4 * r + 3], stats[4 * r + 1], hs.eps) : coef_l;
-        FN(adam_redo_any)(&hs, p + o, written[r] ? bak + o : p + o, g + o, m + o, v + o, C, c, nest, dec,
-                          view != VIEW_NONE);
+    PFOR(nt > 1 && G > 1 && R * C >= PAR_MIN, k, G, {
+        const int64_t r0 = k * per, r1 = r0 + per < R ? r0 + per : R;
+        for (int64_t r = r0; r < r1; r++) {
+            int64_t o = r * C;
+            T c = view == VIEW_CHANNEL ? FN(coef)(stats[4 * r + 3], stats[4 * r + 1], hs.eps) : coef_l;
+            FN(adam_redo_any)(&hs, p + o, written[r] ? bak + o : p + o, g + o, m + o, v + o, C, c, nest, dec,
+                              view != VIEW_NONE);
+        }
     });
     return view;
 }
@@ -244,7 +292,7 @@ int FN(torch_adamp_adamp)(ta_args* a) {
     int64_t* views = a->views;
     const int nt = a->threads < 1 ? 1 : a->threads;
     const int64_t stage_max = a->stage_bytes / (int64_t)sizeof(T);
-    int64_t max_r = 1, max_c = 1, max_stage = 0, R, C;
+    int64_t max_r = 1, max_u = 1, max_stage = 0, R, C;
     int64_t counts[2] = {0, 0};
     for (int64_t i = 0; i < n; i++) {
         shape_of(meta, n, i, &R, &C);
@@ -252,8 +300,9 @@ int FN(torch_adamp_adamp)(ta_args* a) {
         if (R > 0 && mode != MODE_NEVER) {
             if (R * C <= stage_max) {
                 if (R * C > max_stage) max_stage = R * C;
-            } else if (C > max_c) {
-                max_c = C;
+            } else {
+                int64_t grp = C >= SPEC_GROUP ? C : (SPEC_GROUP / C) * C;
+                if (grp > max_u) max_u = grp;
             }
         }
     }
@@ -261,7 +310,7 @@ int FN(torch_adamp_adamp)(ta_args* a) {
     size_t bak_bytes = guess != NULL ? FN(adamp_guesses)(a, guess, a->spare != NULL ? a->spare_bytes : 0) : 0;
     T* bak = bak_bytes > 0 ? (T*)a->spare : NULL; /* the old rows of tensors stepped under a guess that can fail */
     T* stats = (T*)malloc(sizeof(T) * 4 * max_r);
-    T* buf = (T*)malloc(sizeof(T) * max_c * nt); /* a row of u per thread, for tensors too large to stage */
+    T* buf = (T*)malloc(sizeof(T) * max_u * nt); /* rows of u per thread, for tensors too large to stage */
     T* staged = max_stage > 0 ? (T*)malloc(sizeof(T) * max_stage) : NULL;
     char* written = (char*)malloc((size_t)max_r);
     if (!guess || !stats || !buf || !written || (max_stage > 0 && !staged)) { /* nothing modified yet */
@@ -322,7 +371,7 @@ int FN(torch_adamp_adamp)(ta_args* a) {
         if (R > 0 && (mode == MODE_CHANNEL || guess[i] == VIEW_CHANNEL || guess[i] == VIEW_NONE)) {
             int spec = mode == MODE_CHANNEL ? VIEW_CHANNEL : guess[i];
             views[i] = FN(adam_speculate)(&h, p, g, m, v, R, C, spec, mode == MODE_AUTO, lr, wd, delta, wd_ratio,
-                                          mode, nest, buf, max_c, bak, written, stats, nt, counts);
+                                          mode, nest, buf, max_u, bak, written, stats, nt, counts);
             continue;
         }
         if (R > 0 && mode != MODE_NEVER) { /* too large to stage, no guess: pass 1 reads w and g only */
@@ -344,7 +393,7 @@ int FN(torch_adamp_adamp)(ta_args* a) {
         if (view == VIEW_CHANNEL) {
             PFOR(nt > 1 && R > 1 && N >= PAR_MIN, r, R, {
                 int64_t o = r * C;
-                FN(adam_row_any)(&h, p + o, g + o, m + o, v + o, C, buf + max_c * omp_thread(), stats[4 * r + 1],
+                FN(adam_row_any)(&h, p + o, g + o, m + o, v + o, C, buf + max_u * omp_thread(), stats[4 * r + 1],
                                  nest, dec);
             });
         } else {

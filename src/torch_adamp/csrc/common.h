@@ -23,6 +23,8 @@
 #define INL static inline __attribute__((always_inline))
 #define PAR_MIN 32768
 #define BLOCK 16384
+#define PF_BLOCK 64     /* elements per block of a cached sweep that prefetches one line per stream */
+#define SPEC_GROUP 8192 /* elements per group of rows in a speculative sweep (short rows are grouped) */
 #define MODE_NEVER 0
 #define MODE_AUTO 1
 #define MODE_CHANNEL 2
