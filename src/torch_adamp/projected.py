@@ -33,6 +33,17 @@ def _describe_at(params: Sequence[Tensor], i: int) -> str:
     return _describe(i, params[i])
 
 
+def _refuse_sparse(group: dict[str, Any], candidates: Sequence[Tensor]) -> None:
+    """The error for a candidate of ``group`` with a sparse gradient (the projection needs dense rows)."""
+    p = next(p for p in candidates if p.grad is not None and p.grad.is_sparse)
+    i = next(k for k, q in enumerate(group["params"]) if q is p)
+    raise RuntimeError(
+        f"Projected does not support sparse gradients for the weights it may project, but {_describe(i, p)} "
+        "has one; use dense gradients (e.g. nn.Embedding(sparse=False)) or put it in a group with "
+        "scale_invariant=False"
+    )
+
+
 #: optimizer classes (by name) whose ``weight_decay`` is decoupled, ``w <- (1 - lr wd) w`` before the step,
 #: and that have no ``decoupled_weight_decay`` group key saying so themselves
 DECOUPLED = frozenset({"AdamW", "Adafactor", "AdamW8bit", "AdamW4bit", "AdamWFp8", "Lion"})
@@ -327,6 +338,8 @@ class Projected(TrackStats, Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):  # refused before inner steps (nothing of the user's changed)
+                _refuse_sparse(group, params)
             if not scaled and fused.projected_takes(params, grads, group["lr"]):  # scaled: the torch route
                 # plain CPU tensors: copy and decide now (w_b and g are all the test needs), project after
                 befores = self._buffers(params)
@@ -352,19 +365,11 @@ class Projected(TrackStats, Optimizer):
         return loss
 
     def _check_step(self) -> None:
-        """Refused before ``inner`` steps: a sparse gradient of a candidate (the projection needs dense
-        rows), and a group whose parameters a wrapper replaced by flat partitions (DeepSpeed ZeRO, FSDP1),
-        which would silently not be projected (1-D tensors are never candidates)."""
+        """Refused before ``inner`` steps: a group whose parameters a wrapper replaced by flat partitions
+        (DeepSpeed ZeRO, FSDP1), which would silently not be projected (1-D tensors are never candidates).
+        (A sparse gradient of a candidate is refused where the candidates are collected, also before.)"""
         for group in self.param_groups:
             params = [p for p in group["params"] if isinstance(p, Tensor)]
-            if group["scale_invariant"] is not False:
-                for i, p in enumerate(params):
-                    if p.grad is not None and p.grad.is_sparse and projection.projectable_shape(p.shape):
-                        raise RuntimeError(
-                            f"Projected does not support sparse gradients for the weights it may project, but "
-                            f"{_describe(i, p)} has one; use dense gradients (e.g. nn.Embedding(sparse=False)) "
-                            "or put it in a group with scale_invariant=False"
-                        )
             distributed.check_flat(group, params, _describe, "Projected")
             if self._zero.resolve(group, params, functools.partial(_describe_at, params), "Projected") is not None:
                 raise NotImplementedError(

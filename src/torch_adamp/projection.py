@@ -233,32 +233,11 @@ def coefficients_from_row_sums(
     """:func:`projection_coefficients` from the row sums of :func:`channel_row_sums` (in the dtype and on the
     device of ``params``, of which only the shapes, device and dtype are read): the decisions, the one
     packed ``all_reduce`` and the coefficients, with the same protocol and results."""
-    n = len(params)
-    device, dtype = params[0].device, params[0].dtype
     shapes = [tuple(p.shape) for p in params] if global_shapes is None else [tuple(s) for s in global_shapes]
     rows = [p.shape[0] for p in params]  # local rows
-
-    seg, chan_thr, layer_thr = _segments(rows, shapes, delta, dtype, device)
-    split = list(rows_split) if rows_split is not None else [False] * n
-    any_split = all_reduce is not None and any(split)
-    if any_split:
-        split_rows = torch.tensor(split, device=device)[seg]
-    # per tensor: [#rows failing the channel test, sum <p,g>, sum ||p||^2, sum ||g||^2, sum <p,u>]
-    totals = _totals(row_sums, seg, n, chan_thr, eps)
-    if all_reduce is not None:
-        if any_split:
-            # one collective: whole-row tensors send their 5 totals, split-row
-            # tensors their per-row partial sums
-            packed = torch.cat([totals.flatten(), row_sums[split_rows].flatten()])
-            all_reduce(packed)
-            totals = packed[: 5 * n].view(n, 5)
-            row_sums = row_sums.clone()
-            row_sums[split_rows] = packed[5 * n :].view(-1, 4)
-            split_totals = _totals(row_sums, seg, n, chan_thr, eps)
-            totals = torch.where(torch.tensor(split, device=device).unsqueeze(1), split_totals, totals)
-        else:
-            all_reduce(totals.view(-1))
-    coef, view = _decide(row_sums, totals, seg, layer_thr, eps, mode)
+    coef, view, row_sums = _row_decision(
+        row_sums, rows, shapes, delta, eps, mode, params[0].dtype, params[0].device, rows_split, all_reduce
+    )
     coefs = [c.view(_row_shape(p)) for c, p in zip(coef.split(rows), params, strict=True)]
     return coefs, view, row_sums[:, [1, 3]]
 
@@ -283,9 +262,48 @@ def row_coefficients(
     :func:`projection_coefficients`.
     """
     rows = [s[0] for s in shapes]
-    seg, chan_thr, layer_thr = _segments(rows, shapes, delta, row_sums.dtype, row_sums.device)
-    totals = _totals(row_sums, seg, len(rows), chan_thr, eps)
-    return _decide(row_sums, totals, seg, layer_thr, eps, mode)
+    coef, view, _ = _row_decision(row_sums, rows, shapes, delta, eps, mode, row_sums.dtype, row_sums.device)
+    return coef, view
+
+
+def _row_decision(
+    row_sums: Tensor,
+    rows: Sequence[int],
+    shapes: Sequence[Sequence[int]],
+    delta: float,
+    eps: float,
+    mode: ScaleInvariant,
+    dtype: torch.dtype,
+    device: torch.device,
+    rows_split: Sequence[bool] | None = None,
+    all_reduce: AllReduce | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(coef per row, view per tensor, row sums)`` from local row sums: the totals, the one packed
+    ``all_reduce`` of :func:`projection_coefficients` when given (the row sums returned are then those
+    completed by it), and the decision."""
+    n = len(rows)
+    seg, chan_thr, layer_thr = _segments(rows, shapes, delta, dtype, device)
+    split = list(rows_split) if rows_split is not None else [False] * n
+    any_split = all_reduce is not None and any(split)
+    if any_split:
+        split_rows = torch.tensor(split, device=device)[seg]
+    # per tensor: [#rows failing the channel test, sum <p,g>, sum ||p||^2, sum ||g||^2, sum <p,u>]
+    totals = _totals(row_sums, seg, n, chan_thr, eps)
+    if all_reduce is not None:
+        if any_split:
+            # one collective: whole-row tensors send their 5 totals, split-row
+            # tensors their per-row partial sums
+            packed = torch.cat([totals.flatten(), row_sums[split_rows].flatten()])
+            all_reduce(packed)
+            totals = packed[: 5 * n].view(n, 5)
+            row_sums = row_sums.clone()
+            row_sums[split_rows] = packed[5 * n :].view(-1, 4)
+            split_totals = _totals(row_sums, seg, n, chan_thr, eps)
+            totals = torch.where(torch.tensor(split, device=device).unsqueeze(1), split_totals, totals)
+        else:
+            all_reduce(totals.view(-1))
+    coef, view = _decide(row_sums, totals, seg, layer_thr, eps, mode)
+    return coef, view, row_sums
 
 
 def _segments(
