@@ -195,9 +195,11 @@ static void FN(adam_redo_any)(const FN(hyp_t) * h, T* p, const T* src, const T* 
    doing the same sums, may be vectorised with another summation order, and the decision would depend on the
    guess.)
    The speculative sweep of a tensor too large to stage, under the guessed view `spec` (CHANNEL or NONE: the
-   view it took at its last step, or CHANNEL when forced): each row is staged (moments stored, u in the
-   thread's row buffer, the four row sums) and, while the guess holds, stepped at once, its old values first
-   streamed to bak when the guess can be wrong (`check`). A CHANNEL guess fails at the first row that fails
+   view it took at its last step, or CHANNEL when forced), in groups of rows of about SPEC_GROUP elements
+   (short rows: memory streams longer runs between the cached sweeps): each row of a group is staged
+   (moments stored, u in the thread's buffer, the four row sums), then, while the guess holds, stepped from
+   the cache, its old values first streamed to bak when the guess can be wrong (`check`), the first quarter
+   of the next group prefetched meanwhile (adam_apply_pf). A CHANNEL guess fails at the first row that fails
    the channel test (later rows are only staged); a NONE guess is known right only at the end. Right: one
    sweep from memory instead of two. Wrong: the rows are stepped again, from their old values, under the
    view decided from the same row sums, so the result does not depend on the guess. Returns that view. */
@@ -210,8 +212,6 @@ static int FN(adam_speculate)(const FN(hyp_t) * h, T* p, const T* g, T* m, T* v,
     FN(hyp_t) hs = *h;
     hs.f = FN(decay)(lr, wd, wd_ratio, 1.0, spec);
     int stop = 0;
-    /* rows in groups of about SPEC_GROUP elements (short rows: memory streams longer runs between the cached
-       sweeps); each row keeps its own sums and its own test, in row order */
     const int64_t per = C >= SPEC_GROUP ? 1 : SPEC_GROUP / C, G = (R + per - 1) / per;
     PFOR(nt > 1 && G > 1 && R * C >= PAR_MIN, k, G, {
         const int64_t r0 = k * per, r1 = r0 + per < R ? r0 + per : R;
