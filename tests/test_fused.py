@@ -279,7 +279,8 @@ def _spec_run(
     torch.set_num_threads(threads)
     try:
         gen = torch.Generator().manual_seed(3)
-        shapes = [(16, 8, 3, 3), (12, 20), (6, 1, 5), (1, 30), (300, 130)]  # the last one above PAR_MIN
+        # (300, 130): above PAR_MIN, in groups of 63 rows (the last one partial); (6, 8200): rows of a group each
+        shapes = [(16, 8, 3, 3), (12, 20), (6, 1, 5), (1, 30), (300, 130), (6, 8200)]
         params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in shapes]
         opt: Any
         if kind == "adamp":

@@ -229,8 +229,9 @@ static int FN(adam_speculate)(const FN(hyp_t) * h, T* p, const T* g, T* m, T* v,
             }
             if (write) {
                 T c = spec == VIEW_CHANNEL ? FN(coef)(st[3], st[1], hs.eps) : 0;
-                const int64_t q = (r0 + per) * C; /* the next group: its first quarter prefetched */
-                const int pf = r0 + per < R;
+                /* the next group's first quarter (at most per * C / 4 elements) prefetched, when it has them */
+                const int pf = r0 + per < R && per <= 4 * (R - r0 - per);
+                const int64_t q = pf ? (r0 + per) * C : 0;
                 FN(adam_apply_pf_any)(&hs, p + o, u + (r - r0) * C, C, c, dec, spec == VIEW_CHANNEL,
                                       check ? bak + o : NULL, (r - r0) * C, pf ? p + q : NULL, g + q, m + q, v + q);
             }
