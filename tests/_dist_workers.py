@@ -86,12 +86,19 @@ def _worker(rank: int, tmp: str, scenarios: list[str]) -> None:
         world_size=WORLD,
         timeout=timedelta(seconds=60),
     )
+    run_scenarios(globals(), rank, tmp, scenarios)
+
+
+def run_scenarios(namespace: dict[str, Any], rank: int, tmp: str, scenarios: list[str]) -> None:
+    """In a rank whose process group is up: each scenario (a function of ``namespace``) in turn, its result
+    or its traceback and its time, a barrier after each; the results pickled for :func:`spawn_ranks`, and
+    the process group destroyed."""
     out: dict[str, Any] = {}
     try:
         for name in scenarios:
             t0 = time.perf_counter()
             try:
-                out[name] = globals()[name](rank, tmp)
+                out[name] = namespace[name](rank, tmp)
             except Exception:
                 out[name] = {"error": traceback.format_exc()}
             out[name]["seconds"] = time.perf_counter() - t0

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import copy
 import os
-import pickle
-import time
-import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -27,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from _dist_workers import spawn_ranks
+from _dist_workers import run_scenarios, spawn_ranks
 from torch import Tensor, nn
 
 import torch_adamp
@@ -58,18 +55,7 @@ def _worker(rank: int, tmp: str, scenarios: list[str]) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")  # adopts the process group
-    out: dict[str, Any] = {}
-    for name in scenarios:
-        t0 = time.perf_counter()
-        try:
-            out[name] = globals()[name](rank, tmp)
-        except Exception:
-            out[name] = {"error": traceback.format_exc()}
-        out[name]["seconds"] = time.perf_counter() - t0
-        dist.barrier()
-    with open(os.path.join(tmp, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(out, f)
-    dist.destroy_process_group()
+    run_scenarios(globals(), rank, tmp, scenarios)
 
 
 # ----------------------------------------------------------------------------------------

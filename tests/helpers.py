@@ -30,10 +30,11 @@ minutes on two cores.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -687,3 +688,26 @@ def one_rank_zero_partition(params: list[torch.nn.Parameter], mapped: bool = Tru
         p._dp_group = "dp"  # type: ignore[attr-defined]
         offset += p.numel()
     return torch.nn.Parameter(flat)
+
+
+@contextlib.contextmanager
+def counting_compile_backend() -> Iterator[Any]:
+    """Dynamo's counting ``eager`` backend as the compile back end's (fast; counts the compilations), with the
+    compiled steps kept by the process set aside for the duration and restored after."""
+    from torch._dynamo.testing import CompileCounter
+
+    from torch_adamp.engine import fused
+
+    counter = CompileCounter()
+    saved = dict(fused._compiled)
+    old = fused.COMPILE_BACKEND
+    fused._compiled.clear()
+    fused.COMPILE_BACKEND = counter
+    torch._dynamo.reset()
+    try:
+        yield counter
+    finally:
+        fused.COMPILE_BACKEND = old
+        fused._compiled.clear()
+        fused._compiled.update(saved)
+        torch._dynamo.reset()

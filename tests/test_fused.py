@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import helpers
 import pytest
 import torch
 from torch import Tensor
@@ -565,22 +566,8 @@ def test_no_allocation_per_tensor() -> None:
 @pytest.fixture
 def compile_backend() -> Iterator[Any]:
     """Force the compile back end with dynamo's counting ``eager`` backend (fast, counts compilations)."""
-    from torch._dynamo.testing import CompileCounter
-
-    counter = CompileCounter()
-    saved = dict(_fused._compiled)
-    _fused._compiled.clear()
-    old = _fused.COMPILE_BACKEND
-    _fused.COMPILE_BACKEND = counter
-    torch._dynamo.reset()
-    try:
-        with _fused.use_backend("compile"):
-            yield counter
-    finally:
-        _fused.COMPILE_BACKEND = old
-        _fused._compiled.clear()
-        _fused._compiled.update(saved)
-        torch._dynamo.reset()
+    with helpers.counting_compile_backend() as counter, _fused.use_backend("compile"):
+        yield counter
 
 
 def test_compile_backend_compiles_once_per_model(compile_backend: Any) -> None:

@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import helpers
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -71,21 +72,8 @@ def _one_thread() -> Iterator[None]:
 @pytest.fixture
 def compile_counter() -> Iterator[Any]:
     """Dynamo's counting ``eager`` backend for the compile back end (fast; every graph is fullgraph=True)."""
-    from torch._dynamo.testing import CompileCounter
-
-    counter = CompileCounter()
-    saved = dict(_fused._compiled)
-    old = _fused.COMPILE_BACKEND
-    _fused._compiled.clear()
-    _fused.COMPILE_BACKEND = counter
-    torch._dynamo.reset()
-    try:
+    with helpers.counting_compile_backend() as counter:
         yield counter
-    finally:
-        _fused.COMPILE_BACKEND = old
-        _fused._compiled.clear()
-        _fused._compiled.update(saved)
-        torch._dynamo.reset()
 
 
 def path_kwargs(path: str) -> dict[str, Any]:
@@ -167,17 +155,23 @@ def run(
     """``steps`` steps with an inf and a NaN step; ``scale=None``: unscaled, the bad steps left out by hand."""
     ps = params(extra.pop("dtype", torch.float32))
     opt = cls(ps, **kw, **path_kwargs(path), **extra)
-    scaler = scaler_of(scale, growth_interval=2) if scale is not None else None
     with backend(path):
-        for step in range(steps):
-            gs = poisoned(step, grads(step, ps))
-            if scaler is not None:
-                scaled_step(scaler, opt, ps, gs)
-            elif step not in (INF_STEP, NAN_STEP):
-                for p, g in zip(ps, gs, strict=True):
-                    p.grad = g
-                opt.step()
+        poisoned_steps(opt, ps, scale, steps)
     return snapshot(opt, ps), opt, ps
+
+
+def poisoned_steps(opt: Any, ps: list[torch.nn.Parameter], scale: float | None, steps: int) -> None:
+    """``steps`` steps of ``opt`` with the poisoned gradients: through a GradScaler of ``scale`` (growth every 2
+    steps), or, with ``scale=None``, unscaled with the inf and NaN steps left out by hand."""
+    scaler = scaler_of(scale, growth_interval=2) if scale is not None else None
+    for step in range(steps):
+        gs = poisoned(step, grads(step, ps))
+        if scaler is not None:
+            scaled_step(scaler, opt, ps, gs)
+        elif step not in (INF_STEP, NAN_STEP):
+            for p, g in zip(ps, gs, strict=True):
+                p.grad = g
+            opt.step()
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,15 +595,7 @@ def test_bad_protocol_values_are_refused_before_anything_changes() -> None:
 def projected_run(inner_factory: Callable[[list[torch.nn.Parameter]], Any], scale: float | None) -> list[torch.Tensor]:
     ps = params()
     opt = torch_adamp.Projected(inner_factory(ps), wd_ratio=0.1)
-    scaler = scaler_of(scale, growth_interval=2) if scale is not None else None
-    for step in range(6):
-        gs = poisoned(step, grads(step, ps))
-        if scaler is not None:
-            scaled_step(scaler, opt, ps, gs)
-        elif step not in (INF_STEP, NAN_STEP):
-            for p, g in zip(ps, gs, strict=True):
-                p.grad = g
-            opt.step()
+    poisoned_steps(opt, ps, scale, 6)
     return snapshot(opt.inner, ps)
 
 

@@ -16,7 +16,7 @@ import copy
 import importlib.util
 import io
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -480,24 +480,15 @@ def test_step_hooks(info: OptimizerInfo) -> None:
     params = make_params()
     opt = info.make(params, **({"lr": 0.1} if info.name == "SGDP" else {}))
     order: list[str] = []
-    outer = opt
 
-    def pre(o: Optimizer, args: Any, kwargs: Any) -> None:
-        if o is outer:
-            order.append("pre")
+    def hook(label: str) -> Callable[[Optimizer, Any, Any], None]:
+        def record(o: Optimizer, args: Any, kwargs: Any) -> None:
+            if o is opt:
+                order.append(label)
 
-    def post(o: Optimizer, args: Any, kwargs: Any) -> None:
-        if o is outer:
-            order.append("post")
+        return record
 
-    def gpre(o: Optimizer, args: Any, kwargs: Any) -> None:
-        if o is outer:
-            order.append("global_pre")
-
-    def gpost(o: Optimizer, args: Any, kwargs: Any) -> None:
-        if o is outer:
-            order.append("global_post")
-
+    pre, post, gpre, gpost = hook("pre"), hook("post"), hook("global_pre"), hook("global_post")
     handles = [
         opt.register_step_pre_hook(pre),
         opt.register_step_post_hook(post),

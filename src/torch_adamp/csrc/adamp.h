@@ -212,9 +212,12 @@ static int FN(adam_speculate)(const FN(hyp_t) * h, T* p, const T* g, T* m, T* v,
     FN(hyp_t) hs = *h;
     hs.f = FN(decay)(lr, wd, wd_ratio, 1.0, spec);
     int stop = 0;
-    const int64_t per = C >= SPEC_GROUP ? 1 : SPEC_GROUP / C, G = (R + per - 1) / per;
+    const int64_t per = spec_rows(C), G = (R + per - 1) / per;
     PFOR(nt > 1 && G > 1 && R * C >= PAR_MIN, k, G, {
         const int64_t r0 = k * per, r1 = r0 + per < R ? r0 + per : R;
+        /* the next group's first quarter (at most per * C / 4 elements) prefetched, when it has them */
+        const int pf = r0 + per < R && per <= 4 * (R - r0 - per);
+        const int64_t q = pf ? (r0 + per) * C : 0;
         T* u = buf + max_u * omp_thread();
         for (int64_t r = r0; r < r1; r++)
             FN(adam_stage_any)(&hs, p + r * C, g + r * C, m + r * C, v + r * C, u + (r - r0) * C, C, stats + 4 * r,
@@ -229,9 +232,6 @@ static int FN(adam_speculate)(const FN(hyp_t) * h, T* p, const T* g, T* m, T* v,
             }
             if (write) {
                 T c = spec == VIEW_CHANNEL ? FN(coef)(st[3], st[1], hs.eps) : 0;
-                /* the next group's first quarter (at most per * C / 4 elements) prefetched, when it has them */
-                const int pf = r0 + per < R && per <= 4 * (R - r0 - per);
-                const int64_t q = pf ? (r0 + per) * C : 0;
                 FN(adam_apply_pf_any)(&hs, p + o, u + (r - r0) * C, C, c, dec, spec == VIEW_CHANNEL,
                                       check ? bak + o : NULL, (r - r0) * C, pf ? p + q : NULL, g + q, m + q, v + q);
             }
@@ -302,7 +302,7 @@ int FN(torch_adamp_adamp)(ta_args* a) {
             if (R * C <= stage_max) {
                 if (R * C > max_stage) max_stage = R * C;
             } else {
-                int64_t grp = C >= SPEC_GROUP ? C : (SPEC_GROUP / C) * C;
+                int64_t grp = spec_rows(C) * C;
                 if (grp > max_u) max_u = grp;
             }
         }

@@ -25,6 +25,8 @@
 #define BLOCK 16384
 #define PF_BLOCK 64     /* elements per block of a cached sweep that prefetches one line per stream */
 #define SPEC_GROUP 8192 /* elements per group of rows in a speculative sweep (short rows are grouped) */
+/* rows per group of a speculative sweep over rows of C elements */
+INL int64_t spec_rows(int64_t C) { return C >= SPEC_GROUP ? 1 : SPEC_GROUP / C; }
 #define MODE_NEVER 0
 #define MODE_AUTO 1
 #define MODE_CHANNEL 2
