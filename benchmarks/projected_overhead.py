@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_time
 
 from torch_adamp import AdamP, Projected
-from torch_adamp.engine import fused
+from torch_adamp.projected import native as projected_native
 
 HYPER = {"lr": step_time.LR, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
 
@@ -39,13 +39,13 @@ class TorchRowSums(Projected):
     path off the CPU or without the native kernels, and every path before csrc/projected.h."""
 
     def step(self, closure: object = None) -> object:
-        takes, rows = fused.projected_takes, fused.projected_row_sums
-        fused.projected_takes = lambda *args: False  # type: ignore[assignment]
-        fused.projected_row_sums = lambda *args: None  # type: ignore[assignment]
+        takes, rows = projected_native.takes, projected_native.row_sums
+        projected_native.takes = lambda *args: False  # type: ignore[assignment]
+        projected_native.row_sums = lambda *args: None  # type: ignore[assignment]
         try:
             return super().step()
         finally:
-            fused.projected_takes, fused.projected_row_sums = takes, rows
+            projected_native.takes, projected_native.row_sums = takes, rows
 
 
 def main(argv: list[str] | None = None) -> int:

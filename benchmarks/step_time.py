@@ -77,7 +77,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torch_adamp import SGDP, AdamP, _native, projection
-from torch_adamp.engine import fused as _fused
+from torch_adamp.engine import Backend
+from torch_adamp.engine import native as _native_backend
 
 Shape = tuple[int, ...]
 
@@ -204,7 +205,7 @@ class Entry:
     path: str  # one of PATHS
     make: Callable[[list[Tensor]], torch.optim.Optimizer] | None  # None: the default path, an alias
     kind: str | None = None  # "adamp" / "sgdp" for ours
-    backend: str | None = None  # fused back end forced while stepping
+    backend: str | None = None  # the back end of fused=True, set on the optimizer when built
     alias_of: str | None = None
     times: list[float] = field(default_factory=list)
     first_step: float = math.nan
@@ -223,9 +224,11 @@ def _reference() -> Any:
 Maker = Callable[[list[Tensor]], torch.optim.Optimizer]
 
 
-def _maker(cls: Any, **kwargs: Any) -> Maker:
+def _maker(cls: Any, backend: str | None = None, **kwargs: Any) -> Maker:
     def make(params: list[Tensor]) -> torch.optim.Optimizer:
         opt: torch.optim.Optimizer = cls(params, lr=LR, **kwargs)
+        if backend is not None:
+            opt._workspace.backend = Backend(backend)  # type: ignore[attr-defined]
         return opt
 
     return make
@@ -258,19 +261,19 @@ def catalogue(family: str, paths: Sequence[str]) -> list[Entry]:
     for path, opts in options.items():
         if path in paths:
             flag = ", ".join(f"{k}={v}" for k, v in opts.items())
-            backend = "native" if path == "fused" and _fused.native_available() else None
-            entries.append(Entry(f"{oname}({extra}{flag})", family, path, _maker(ours, **hp, **opts), kind, backend))
+            backend = "native" if path == "fused" and _native_backend.available() else None
+            make = _maker(ours, backend, **hp, **opts)
+            entries.append(Entry(f"{oname}({extra}{flag})", family, path, make, kind, backend))
     if "compiled" in paths:
         name = f"{oname}({extra}fused=True) via torch.compile"
-        entries.append(Entry(name, family, "compiled", _maker(ours, **hp, fused=True), kind, "compile"))
+        entries.append(Entry(name, family, "compiled", _maker(ours, "compile", **hp, fused=True), kind, "compile"))
     if "default" in paths:
         entries.append(Entry(f"{oname}({extra.rstrip(', ')}) default", family, "default", None, kind))
     return entries
 
 
 def _step(entry: Entry, opt: torch.optim.Optimizer) -> None:
-    with _fused.use_backend(entry.backend) if entry.backend else contextlib.nullcontext():
-        opt.step()
+    opt.step()
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -369,9 +372,13 @@ def bytes_moved(params: Sequence[Tensor], family: str, projected: bool) -> int:
     per = 28 if family == "adam" else 20
     total = sum(per * p.numel() for p in params)
     if projected and family == "adam":  # the copy of w made by the speculative sweep (native kernel)
-        total += sum(4 * p.numel() for p in params if projection.projectable(p) and p.numel() * 4 > _fused.STAGE_BYTES)
+        total += sum(
+            4 * p.numel() for p in params if projection.projectable(p) and p.numel() * 4 > _native_backend.STAGE_BYTES
+        )
     elif projected:  # sweep B of the staged tensors; the larger ones are speculated (a channel guess copies nothing)
-        total += sum(8 * p.numel() for p in params if projection.projectable(p) and p.numel() * 4 <= _fused.STAGE_BYTES)
+        total += sum(
+            8 * p.numel() for p in params if projection.projectable(p) and p.numel() * 4 <= _native_backend.STAGE_BYTES
+        )
     return total
 
 
@@ -423,14 +430,14 @@ def run_family(entries: list[Entry], params: list[Tensor], repeats: int, warmup:
         if memory:
             e.peak_temp = peak_temporary_bytes(functools.partial(_step, e, opt))
             if e.backend == "native" and e.kind is not None:
-                e.peak_temp += _fused.native_scratch_bytes(e.kind, params)
+                e.peak_temp += _native_backend.native_scratch_bytes(e.kind, params)
     del opts
     gc.collect()
-    # the default path is one of the others: which one is decided per device (see torch_adamp._fused)
+    # the default path is one of the others: fused on the CPU where the kernels built (torch_adamp.engine)
     by_path = {e.path: e for e in real}
     for e in entries:
         if e.path == "default":
-            resolved = "fused" if _fused.default_is_fused(params) else "foreach"
+            resolved = "fused" if params[0].is_cpu and _native_backend.available() else "foreach"
             src = by_path.get(resolved)
             if src is not None:
                 e.alias_of, e.times, e.state_bytes, e.peak_temp = src.name, src.times, src.state_bytes, src.peak_temp
@@ -544,7 +551,7 @@ def targets(results: list[Result], log: Callable[[str], None]) -> bool:
 
 def build_report(log: Callable[[str], None], fresh: bool) -> None:
     """How long the native kernels take to compile (``fresh``: from scratch, in a temporary directory)."""
-    if not _fused.native_available():
+    if not _native_backend.available():
         log(f"native kernels: unavailable ({_native.failure}); fused=True uses torch.compile")
         return
     if not fresh:

@@ -161,7 +161,7 @@ def _instrument(engine: Any, opt: torch.optim.Optimizer) -> Iterator[dict[str, A
     rec: dict[str, Any] = {"collectives": [], "views": [], "inside": False, "fresh": False}
     saved = {n: getattr(dist, n) for n in COLLECTIVES}
     original_step = opt.step
-    original_decide = zero.projection.row_coefficients
+    original_decide = zero.projection.RowDecision.finish
 
     def counting(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(*a: Any, **k: Any) -> Any:
@@ -182,10 +182,10 @@ def _instrument(engine: Any, opt: torch.optim.Optimizer) -> Iterator[dict[str, A
         finally:
             rec["inside"] = False
 
-    def decide(*a: Any, **k: Any) -> Any:
-        coef, view = original_decide(*a, **k)
+    def decide(self: Any) -> Any:
+        coef, view, row_sums = original_decide(self)
         rec["views"][-1].extend(view.tolist())
-        return coef, view
+        return coef, view, row_sums
 
     engine_step = engine.step
 
@@ -197,7 +197,7 @@ def _instrument(engine: Any, opt: torch.optim.Optimizer) -> Iterator[dict[str, A
         setattr(dist, n, counting(n, saved[n]))
     engine.step = outer
     opt.step = step  # type: ignore[method-assign]
-    zero.projection.row_coefficients = decide  # type: ignore[attr-defined]
+    zero.projection.RowDecision.finish = decide  # type: ignore[method-assign]
     try:
         yield rec
     finally:
@@ -205,7 +205,7 @@ def _instrument(engine: Any, opt: torch.optim.Optimizer) -> Iterator[dict[str, A
             setattr(dist, n, saved[n])
         del opt.step
         del engine.step
-        zero.projection.row_coefficients = original_decide  # type: ignore[attr-defined]
+        zero.projection.RowDecision.finish = original_decide  # type: ignore[method-assign]
 
 
 def _engine(

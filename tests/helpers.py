@@ -5,7 +5,6 @@ Everything here is deterministic on CPU (fixed seeds, fixed batches), small
 minutes on two cores.
 
 * :data:`PATHS` / :func:`path_kwargs`: the one list of implementation paths.
-  ``"fused"`` is skipped cleanly while ``torch_adamp.engine.fused`` cannot be imported.
 * :data:`ARCHITECTURES` / :func:`make_model`: tiny models covering the shapes
   the projection must handle (conv + BN, linear + LN, plain MLP, grouped /
   depthwise conv, Conv1d / Conv3d, Embedding, weight standardisation and
@@ -32,14 +31,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import importlib.util
 import inspect
 import math
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import adamp as reference
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -63,9 +66,7 @@ VIEW_CODES = {"none": NONE, "channel": CHANNEL, "layer": LAYER}
 
 
 def path_kwargs(path: str) -> dict[str, bool]:
-    """Constructor options of ``path``; skips the calling test if the fused path is not importable yet."""
-    if path == "fused":
-        pytest.importorskip("torch_adamp.engine.fused", reason="fused path (torch_adamp.engine.fused) not available")
+    """Constructor options of ``path``."""
     return dict(PATHS[path])
 
 
@@ -691,23 +692,70 @@ def one_rank_zero_partition(params: list[torch.nn.Parameter], mapped: bool = Tru
 
 
 @contextlib.contextmanager
-def counting_compile_backend() -> Iterator[Any]:
-    """Dynamo's counting ``eager`` backend as the compile back end's (fast; counts the compilations), with the
-    compiled steps kept by the process set aside for the duration and restored after."""
+def fused_backend(fused: str = "auto", *opts: Any, compiler: Any = None) -> Iterator[None]:
+    """Optimizers built inside, and ``opts`` (built before) for the duration, take this back end for
+    ``fused=True`` (what ``TORCH_ADAMP_FUSED`` chooses when an optimizer is built), with ``compiler`` as the
+    compile back end's ``torch.compile`` backend (``None``: the one already in force, e.g. an enclosing
+    :func:`counting_compile_backend`'s)."""
+    from torch_adamp.engine import workspace
+
+    old = workspace.Backend.from_env
+    backend = workspace.Backend(fused, old().compiler if compiler is None else compiler)
+    saved = [opt._workspace.backend for opt in opts]
+    workspace.Backend.from_env = staticmethod(lambda: backend)  # type: ignore[method-assign]
+    for opt in opts:
+        opt._workspace.backend = backend
+    try:
+        yield
+    finally:
+        workspace.Backend.from_env = old  # type: ignore[method-assign]
+        for opt, b in zip(opts, saved, strict=True):
+            opt._workspace.backend = b
+
+
+@contextlib.contextmanager
+def counting_compile_backend(fused: str = "auto") -> Iterator[Any]:
+    """Dynamo's counting ``eager`` backend as the compile back end's for optimizers built inside (fast; counts
+    the compilations), ``fused`` their back end (``"compile"`` forces it on the CPU)."""
     from torch._dynamo.testing import CompileCounter
 
-    from torch_adamp.engine import fused
-
     counter = CompileCounter()
-    saved = dict(fused._compiled)
-    old = fused.COMPILE_BACKEND
-    fused._compiled.clear()
-    fused.COMPILE_BACKEND = counter
     torch._dynamo.reset()
     try:
-        yield counter
+        with fused_backend(fused, compiler=counter):
+            yield counter
     finally:
-        fused.COMPILE_BACKEND = old
-        fused._compiled.clear()
-        fused._compiled.update(saved)
         torch._dynamo.reset()
+
+
+def small_params(seed: int = 0) -> list[torch.nn.Parameter]:
+    """A conv-like weight, a matrix, a vector and a scalar (every decision and never-projected tensors)."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(6, 4, 3, 3), (5, 7), (7,), ()]
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+
+
+def random_grads(params: list[torch.nn.Parameter], seed: int) -> None:
+    """Random gradients for ``params``, the same for a seed."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+
+
+#: AdamP and SGDP with weight decay (SGDP with momentum), on whatever path the keywords choose
+SMALL_MAKERS: dict[str, Any] = {
+    "adamp": lambda ps, **kw: torch_adamp.AdamP(ps, lr=1e-2, weight_decay=0.1, **kw),
+    "sgdp": lambda ps, **kw: torch_adamp.SGDP(ps, lr=0.1, momentum=0.9, weight_decay=1e-3, **kw),
+}
+
+
+@functools.cache
+def example(name: str) -> ModuleType:
+    """``examples/<name>.py`` as a module, loaded once per process (a rule it defines registers once)."""
+    path = Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module

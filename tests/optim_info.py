@@ -22,16 +22,20 @@ so that it traces the same graph without inductor's code generation) and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import helpers
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from torch_adamp import SGDP, AdamP, Projected
-from torch_adamp.engine import fused as _fused
+import torch_adamp
+from torch_adamp import SGDP, AdamP, Projected, ProjectedOptimizer
+from torch_adamp.rule import Options
 
 # ---------------------------------------------------------------------------------------------
 # entries
@@ -79,14 +83,11 @@ class Impl:
         if not self.compiled:
             yield
             return
-        old = _fused.COMPILE_BACKEND
-        _fused.COMPILE_BACKEND = "eager"
         torch._dynamo.reset()
         try:
-            with _fused.use_backend("compile"):
+            with helpers.fused_backend("compile", compiler="eager"):
                 yield
         finally:
-            _fused.COMPILE_BACKEND = old
             torch._dynamo.reset()
 
 
@@ -435,9 +436,97 @@ PROJECTED_SGD_INFO = OptimizerInfo(
     skips=(("fused", "", _HALF, _TORCH_FUSED_HALF.format("SGD", 1.8)),),
 )
 
-OPTIM_INFOS = [ADAMP_INFO, SGDP_INFO, PROJECTED_ADAMW_INFO, PROJECTED_SGD_INFO]
+
+def rule_info(cls: type[ProjectedOptimizer], name: str | None = None) -> OptimizerInfo:
+    """The entry of any optimizer over a rule, derived from its declarations: the constructor's defaults and
+    the rule's option fields give the inputs (each of its own options away from its default, and the base
+    options every rule has) and the error inputs (a string for a boolean, a negative number for a checked
+    number); the rule gives the state names and whether ``fused=True`` has a native kernel (else it is the
+    compiled path, run by the "compiled" implementation). A new rule is covered without a table of its own;
+    AdamP and SGDP keep their hand-written entries above (older, with their reference's edge cases)."""
+    rule = cls.rule
+    signature = inspect.signature(cls.__init__).parameters
+    defaults = {k: p.default for k, p in signature.items() if k not in ("self", "params")}
+    own = [f.name for f in dataclasses.fields(rule.options_type) if f.name not in _BASE_OPTIONS and f.name in defaults]
+    lr = defaults["lr"]
+
+    def inputs() -> list[OptimizerInput]:
+        out = [
+            OptimizerInput({}, "default"),
+            OptimizerInput({"weight_decay": 0.1}, "weight_decay"),
+            OptimizerInput({"lr": _t(lr), "weight_decay": 0.1}, "tensor lr, weight_decay"),
+            OptimizerInput({"weight_decay": 0.1, "maximize": True}, "maximize, weight_decay"),
+            OptimizerInput({"weight_decay": 0.1, "delta": 0.3, "wd_ratio": 0.5}, "delta, wd_ratio"),
+            OptimizerInput({"weight_decay": 0.1, "scale_invariant": "channel"}, "channel"),
+            OptimizerInput({"weight_decay": 0.1, "scale_invariant": "layer"}, "layer"),
+            OptimizerInput({"weight_decay": 0.1, "scale_invariant": False}, "never projected"),
+            OptimizerInput({"caution": True}, "caution"),
+            OptimizerInput({"fp32_state": False}, "state in the parameter dtype"),
+        ]
+        for key in own:
+            value = defaults[key]
+            other = (not value) if isinstance(value, bool) else (value * 0.5 if value else 0.5)
+            out.append(OptimizerInput({"weight_decay": 0.1, key: other}, f"{key}={other!r}"))
+        return out
+
+    def error_inputs() -> list[ErrorInput]:
+        out = [
+            *common_error_inputs("one element"),
+            ErrorInput("negative eps", ValueError, "eps", kwargs={"eps": -1e-8}),
+            ErrorInput("negative weight_decay", ValueError, "weight_decay", kwargs={"weight_decay": -0.1}),
+            ErrorInput("wd_ratio > 1", ValueError, "wd_ratio", kwargs={"wd_ratio": 1.5}),
+            ErrorInput("foreach and fused", ValueError, "foreach and fused", kwargs={"foreach": True, "fused": True}),
+            ErrorInput("bad scale_invariant", ValueError, "scale_invariant", kwargs={"scale_invariant": "rows"}),
+            ErrorInput("string caution", ValueError, "caution", kwargs={"caution": "no"}),
+            ErrorInput("2-element tensor lr set before step", RuntimeError, ".", on="step", prepare=_two_element_lr),
+        ]
+        for key in own:
+            bad: Any = "no" if isinstance(defaults[key], bool) else -0.5
+            out.append(ErrorInput(f"bad {key}", ValueError, key, kwargs={key: bad}))
+            out.append(
+                ErrorInput(f"bad {key} in add_param_group", ValueError, key, kwargs={key: bad}, on="add_param_group")
+            )
+        return out
+
+    native_kernel = "native" in rule.kernels
+    return OptimizerInfo(
+        name or cls.__name__,
+        cls,
+        inputs,
+        error_inputs,
+        impls=("forloop", "foreach", *(("fused",) if native_kernel else ()), "compiled", "default"),
+        compiled_inputs=("tensor lr, weight_decay",),
+        core_inputs=("tensor lr, weight_decay", "caution"),
+        state_names=rule.state_names,
+        has_capturable_arg="capturable" in defaults,
+    )
+
+
+#: the options every rule has (from ``torch_adamp.rule.Options``): the derived inputs vary the others
+_BASE_OPTIONS = {f.name for f in dataclasses.fields(Options)}
+
+
+def _example_rule() -> type[ProjectedOptimizer]:
+    """The worked example of the extension point (examples/custom_rule.py), a rule defined outside the package."""
+    cls: type[ProjectedOptimizer] = helpers.example("custom_rule").RMSpropP
+    return cls
+
+
+#: every other projected optimizer torch_adamp exports, and the example's: derived from their rules
+DERIVED_INFOS = [
+    *(
+        rule_info(getattr(torch_adamp, name))
+        for name in torch_adamp.__all__
+        if isinstance(getattr(torch_adamp, name), type)
+        and issubclass(getattr(torch_adamp, name), ProjectedOptimizer)
+        and getattr(torch_adamp, name) not in (ProjectedOptimizer, AdamP, SGDP)
+    ),
+    rule_info(_example_rule(), "RMSpropP (examples/custom_rule.py)"),
+]
+
+OPTIM_INFOS = [ADAMP_INFO, SGDP_INFO, *DERIVED_INFOS, PROJECTED_ADAMW_INFO, PROJECTED_SGD_INFO]
 #: our own classes (the projected wrappers inherit the rest of their behaviour from torch)
-OWN_INFOS = [ADAMP_INFO, SGDP_INFO]
+OWN_INFOS = [ADAMP_INFO, SGDP_INFO, *DERIVED_INFOS]
 
 
 # ---------------------------------------------------------------------------------------------

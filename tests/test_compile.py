@@ -15,6 +15,7 @@ import copy
 from collections.abc import Iterator
 from typing import Any
 
+import helpers
 import pytest
 import torch
 import torch.nn as nn
@@ -22,7 +23,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import torch_adamp
-from torch_adamp.engine import fused as _fused
+from torch_adamp.engine import native
 
 #: constructor options of each path; "fused-compile" forces the torch.compile back end of fused=True
 PATHS: dict[str, dict[str, Any]] = {
@@ -54,10 +55,9 @@ def model() -> nn.Module:
     )
 
 
-@contextlib.contextmanager
-def path_context(path: str) -> Iterator[None]:
-    with _fused.use_backend("compile") if path == "fused-compile" else contextlib.nullcontext():
-        yield
+def path_context(path: str, *opts: Any) -> Any:
+    """The compile back end forced on ``opts`` for the path "fused-compile"."""
+    return helpers.fused_backend("compile", *opts) if path == "fused-compile" else contextlib.nullcontext()
 
 
 def train_pair(kind: str, path: str, backend: Any, steps: int = 5) -> tuple[nn.Module, nn.Module]:
@@ -67,7 +67,7 @@ def train_pair(kind: str, path: str, backend: Any, steps: int = 5) -> tuple[nn.M
     eager_opt = make(kind, eager_model.parameters(), **PATHS[path])
     compiled_opt = make(kind, compiled_model.parameters(), **PATHS[path])
     step = torch.compile(compiled_opt.step, fullgraph=True, backend=backend)
-    with path_context(path):
+    with path_context(path, eager_opt, compiled_opt):
         for i in range(steps):
             for m in (eager_model, compiled_model):
                 m.zero_grad(set_to_none=True)
@@ -146,7 +146,7 @@ def test_compiled_step_keeps_optimizer_state_shared() -> None:
 
 
 def test_native_available_carries_torchs_constant_mark() -> None:
-    """``fused.native_available`` is marked as ``torch.compiler.assume_constant_result`` marks a function
+    """``engine.native.available`` is marked as ``torch.compiler.assume_constant_result`` marks a function
     (without importing dynamo at ``import torch_adamp``): the same attributes, the same values."""
 
     def probe() -> bool:
@@ -154,8 +154,8 @@ def test_native_available_carries_torchs_constant_mark() -> None:
 
     marked = torch.compiler.assume_constant_result(probe)
     added = {k: v for k, v in vars(marked).items()}
-    assert added, "torch no longer marks the function: update fused._assume_constant_result"
-    assert {k: vars(_fused.native_available).get(k) for k in added} == added
+    assert added, "torch no longer marks the function: update engine.native._assume_constant_result"
+    assert {k: vars(native.available).get(k) for k in added} == added
 
 
 def test_import_does_not_load_dynamo() -> None:

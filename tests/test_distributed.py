@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 import torch_adamp
-from torch_adamp import SGDP, AdamP
+from torch_adamp import SGDP, AdamP, projection
 from torch_adamp import distributed as tad
 
 pytestmark = pytest.mark.skipif(
@@ -281,8 +280,17 @@ def test_norm_stats_formula(dtype: torch.dtype) -> None:
     assert math.isnan(angle[4].item())
 
 
-def test_group_requests_merge_into_one_collective(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Groups stepped as coroutines: every pending request goes out in one all_reduce, in group order."""
+def _decision(groups: list[Any]) -> Any:
+    """A decision over tensors of 2 rows of 3 (rows whole) whose layouts name ``groups`` (None: whole here)."""
+    shapes = [(2, 3)] * len(groups)
+    d = projection.RowDecision(torch.rand(2 * len(groups), 4), shapes, delta=0.1, eps=1e-8)
+    d.layouts = [tad._Layout(s, False, g) for s, g in zip(shapes, groups, strict=True)]
+    return d
+
+
+def test_group_decisions_merge_into_one_collective(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two-phase step: the packed sums of every decision (every bucket of every group) go out in one
+    all_reduce; tensors whole on this rank keep their own numbers; nothing is sent where none is sharded."""
     calls: list[int] = []
 
     def fake_all_reduce(packed: torch.Tensor, group: Any) -> None:
@@ -290,54 +298,42 @@ def test_group_requests_merge_into_one_collective(monkeypatch: pytest.MonkeyPatc
         packed.mul_(2)  # "sum over 2 identical ranks"
 
     monkeypatch.setattr(tad, "_all_reduce", fake_all_reduce)
-    seen: dict[str, list[float]] = {}
-    main_thread = threading.get_ident()
-    ran_elsewhere = []
-
-    def job(name: str, sizes: list[int]) -> None:
-        ran_elsewhere.append(threading.get_ident() != main_thread)
-        assert not torch.is_grad_enabled()  # the caller's grad mode is carried over
-        seen[name] = []
-        for k, n in enumerate(sizes):
-            t = torch.full((n,), float(k + 1))
-            tad._reduce(t, group="pg")
-            seen[name].append(t.sum().item())
-
-    with torch.no_grad():
-        tad._Rendezvous().run([lambda: job("a", [3, 2]), lambda: job("b", [4]), lambda: job("c", [])])
-    assert calls == [7, 2]  # round 1: a's first + b's; round 2: a's second
-    assert seen == {"a": [6.0, 8.0], "b": [8.0], "c": []}
-    assert all(ran_elsewhere)
+    a, b, c = _decision(["pg", "pg"]), _decision(["pg", None]), _decision([None])
+    before = [d.packed.clone() for d in (a, b, c)]
+    tad.reduce([a, b, c])
+    assert calls == [5 * 4]  # one collective: the 2 + 2 tensors of a and b, 5 numbers each; c sends nothing
+    assert torch.equal(a.packed, 2 * before[0])
+    assert torch.equal(b.packed[:5], 2 * before[1][:5]) and torch.equal(b.packed[5:], before[1][5:])
+    assert torch.equal(c.packed, before[2])
+    calls.clear()
+    tad.reduce([_decision([None, None])])
+    assert calls == []
 
 
-def test_group_request_errors_propagate_without_hanging(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tad, "_all_reduce", lambda packed, group: None)
-    reached_after = []
-
-    def parks() -> None:
-        tad._reduce(torch.zeros(2), group="pg")
-        reached_after.append(True)
-
-    def fails() -> None:
-        raise KeyError("boom")
-
-    with pytest.raises(KeyError, match="boom"):
-        tad._Rendezvous().run([parks, fails])
-    assert reached_after == []  # the parked group was aborted, not completed without its sums
-
+def test_group_decision_errors_propagate(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken_all_reduce(packed: torch.Tensor, group: Any) -> None:
         raise RuntimeError("collective failed")
 
     monkeypatch.setattr(tad, "_all_reduce", broken_all_reduce)
     with pytest.raises(RuntimeError, match="collective failed"):
-        tad._Rendezvous().run([parks, parks])
-    assert reached_after == []
+        tad.reduce([_decision(["pg"])])
+    with pytest.raises(NotImplementedError, match="different process groups"):
+        tad.reduce([_decision(["pg"]), _decision(["other"])])
+
+
+def test_no_thread_in_the_step() -> None:
+    """The step of several groups runs in the caller's thread (no coroutine threads)."""
+    import inspect
+
+    assert "threading" not in inspect.getsource(tad)
 
 
 def test_plain_tensors_take_no_sharded_path() -> None:
     opt = AdamP([nn.Parameter(torch.randn(3, 4))])
     group = opt.param_groups[0]
-    dist, lists = opt._dist(group, group["params"], [torch.zeros(3, 4)])
+    dist, lists = tad.localize(
+        group, group["params"], [torch.zeros(3, 4)], describe=lambda i, p: "p", optimizer="AdamP"
+    )
     assert dist is None and lists[0][0] is group["params"][0]
     assert not tad.is_dtensor(group["params"][0])
     assert torch_adamp.distributed is tad

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import helpers
 import pytest
 import torch
 
@@ -17,11 +18,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return helpers.example(name)
 
 
 def require(module: str) -> None:
@@ -47,6 +44,7 @@ def _restore_threads() -> object:
 NAMES = [
     "amp_gradscaler",
     "compile_step",
+    "custom_rule",
     "hf_trainer",
     "lightning_module",
     "plain_loop_scheduler",
@@ -61,6 +59,27 @@ def test_example_is_a_script_with_main(name: str) -> None:
     text = (EXAMPLES / f"{name}.py").read_text()
     assert "def main(argv: list[str] | None = None)" in text
     assert 'if __name__ == "__main__":\n    main()' in text
+
+
+def test_custom_rule_runs_on_every_path(capsys: pytest.CaptureFixture[str]) -> None:
+    """The worked example of the extension point: a third projected optimizer, defined outside the package,
+    steps on the default, foreach, per-tensor, fused-request and compiled paths and through GradScaler, with
+    the same numbers (the script asserts it) and the convs before BatchNorm projected."""
+    load("custom_rule").main(["--steps", "6"])
+    out = capsys.readouterr().out
+    for path in ("default", "foreach", "fused", "compiled", "grad-scaler"):
+        assert re.search(rf"{path}: largest relative difference", out), out
+    assert "RMSpropP ran on every path" in out
+
+
+def test_custom_rule_uses_only_the_public_api() -> None:
+    """The example imports nothing private of torch_adamp: the package, ``torch_adamp.rule``, ``checks``."""
+    import ast
+
+    tree = ast.parse((EXAMPLES / "custom_rule.py").read_text())
+    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    ours = {m for m in modules if m.startswith("torch_adamp")}
+    assert ours <= {"torch_adamp", "torch_adamp.rule", "torch_adamp.checks"}, ours
 
 
 def test_projected_optimizer_keeps_the_norm() -> None:

@@ -21,9 +21,9 @@ from torch import Tensor
 
 import torch_adamp
 from torch_adamp import _native
-from torch_adamp.engine import fused as _fused
+from torch_adamp.engine import native as _fused
 
-pytestmark = pytest.mark.skipif(not _fused.native_available(), reason=f"native kernels unavailable: {_native.failure}")
+pytestmark = pytest.mark.skipif(not _fused.available(), reason=f"native kernels unavailable: {_native.failure}")
 
 #: shapes covering every case of the kernel: conv-like, matrix, 3-D, dim 0 == 1, 1-D, scalar, empty
 SHAPES: list[tuple[int, ...]] = [(16, 8, 3, 3), (12, 20), (6, 1, 5), (1, 30), (7,), (), (0, 4), (4, 0), (40, 64)]
@@ -521,7 +521,7 @@ def test_default_path_is_fused_on_cpu_and_foreach_without_kernels(monkeypatch: p
     monkeypatch.setattr(_native, "_lib", None)
     monkeypatch.setattr(_native, "_tried", True)
     monkeypatch.setattr(_native, "failure", "disabled by the test")
-    assert not _fused.native_available()
+    assert not _fused.available()
     foreach, _ = run(lambda ps: torch_adamp.AdamP(ps, foreach=True, **kw))
     default, _ = run(lambda ps: torch_adamp.AdamP(ps, **kw))
     assert rel(default, foreach) == 0.0
@@ -566,7 +566,7 @@ def test_no_allocation_per_tensor() -> None:
 @pytest.fixture
 def compile_backend() -> Iterator[Any]:
     """Force the compile back end with dynamo's counting ``eager`` backend (fast, counts compilations)."""
-    with helpers.counting_compile_backend() as counter, _fused.use_backend("compile"):
+    with helpers.counting_compile_backend("compile") as counter:
         yield counter
 
 
@@ -631,17 +631,15 @@ def test_compile_backend_with_inductor() -> None:
     """The real compile back end (inductor) on a small model: the reference's numbers, compiled once."""
     from torch._dynamo.utils import counters
 
-    _fused._compiled.clear()
     torch._dynamo.reset()
     counters.clear()
     shapes = [(8, 4, 3, 3), (8,), (6, 10)]
     kw: dict[str, Any] = dict(lr=1e-2, weight_decay=1e-2, track_stats=True)
     try:
-        with _fused.use_backend("compile"):
+        with helpers.fused_backend("compile", compiler="inductor"):
             got, views = run(lambda ps: torch_adamp.AdamP(ps, fused=True, **kw), shapes, steps=5)
         assert counters["stats"]["unique_graphs"] == 1
     finally:
-        _fused._compiled.clear()
         torch._dynamo.reset()
     ref, ref_views = run(lambda ps: torch_adamp.AdamP(ps, foreach=False, **kw), shapes, steps=5)
     assert views == ref_views

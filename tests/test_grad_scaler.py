@@ -32,7 +32,6 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakTensorKeyDictionary
 
 import torch_adamp
-from torch_adamp.engine import fused as _fused
 
 PATHS = ("single", "foreach", "native", "compile")
 OPTIONS: list[tuple[type, dict[str, Any]]] = [
@@ -80,8 +79,9 @@ def path_kwargs(path: str) -> dict[str, Any]:
     return {"single": dict(foreach=False), "foreach": dict(foreach=True)}.get(path, dict(fused=True))
 
 
-def backend(path: str) -> Any:
-    return _fused.use_backend("compile" if path == "compile" else "native")
+def backend(path: str, *opts: Any) -> Any:
+    """The back end of ``fused=True`` for ``opts`` and optimizers built inside."""
+    return helpers.fused_backend("compile" if path == "compile" else "auto", *opts)
 
 
 def params(dtype: torch.dtype = torch.float32, shapes: list[tuple[int, ...]] = SHAPES) -> list[torch.nn.Parameter]:
@@ -155,7 +155,7 @@ def run(
     """``steps`` steps with an inf and a NaN step; ``scale=None``: unscaled, the bad steps left out by hand."""
     ps = params(extra.pop("dtype", torch.float32))
     opt = cls(ps, **kw, **path_kwargs(path), **extra)
-    with backend(path):
+    with backend(path, opt):
         poisoned_steps(opt, ps, scale, steps)
     return snapshot(opt, ps), opt, ps
 
@@ -248,7 +248,7 @@ def test_a_real_backward(path: str, compile_counter: Any) -> None:
         opt = torch_adamp.AdamP(model.parameters(), lr=1e-2, weight_decay=1e-2, **kwargs)
         scaler = scaler_of(2.0**16, growth_interval=1)
         gen = torch.Generator().manual_seed(1)
-        with backend(path):
+        with backend(path, opt):
             for _ in range(4):
                 x, y = torch.randn(16, 3, 8, 8, generator=gen), torch.randint(0, 4, (16,), generator=gen)
                 loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -283,7 +283,7 @@ def test_a_skipped_step_changes_nothing(
     ps = params()
     opt = cls(ps, **kw, **path_kwargs(path))
     scaler = scaler_of(2.0**10)
-    with backend(path):
+    with backend(path, opt):
         for step in range(3):
             scaled_step(scaler, opt, ps, grads(step, ps))
         with torch.no_grad():
@@ -315,7 +315,7 @@ def test_sgdp_buffer_projection_does_not_fire(path: str, compile_counter: Any) -
     ps = params(shapes=[(16, 32)])
     opt = torch_adamp.SGDP(ps, lr=0.1, momentum=0.9, project_momentum=True, **path_kwargs(path))
     scaler = scaler_of(4.0)
-    with backend(path):
+    with backend(path, opt):
         scaled_step(scaler, opt, ps, [torch.randn(16, 32)])  # a radial gradient: the buffer has a radial part
         buf = opt.state[ps[0]]["momentum_buffer" if "momentum_buffer" in opt.state[ps[0]] else "momentum"].clone()
         scaled_step(scaler, opt, ps, [torch.full((16, 32), math.nan)])
@@ -331,7 +331,7 @@ def test_skipped_first_step(path: str, compile_counter: Any) -> None:
     opt = torch_adamp.AdamP(ps, lr=1e-2, **path_kwargs(path))
     ref = torch_adamp.AdamP(ref_ps, lr=1e-2, **path_kwargs(path))
     scaler = scaler_of(2.0**5)
-    with backend(path):
+    with backend(path, opt):
         scaled_step(scaler, opt, ps, [torch.full(p.shape, math.inf) for p in ps])
         assert all(opt.state[p]["step"].item() == 0 and opt.state[p]["exp_avg"].abs().sum() == 0 for p in ps)
         for step in range(2):
@@ -363,7 +363,7 @@ def test_unscale_then_clip(cls: type, kw: dict[str, Any], path: str, compile_cou
 
     opt.step = spy  # type: ignore[method-assign]
     scaler = scaler_of(2.0**12)
-    with backend(path):
+    with backend(path, opt, ref):
         for step in range(5):
             gs = poisoned(step, grads(step, ps))
             scale = scaler.scale(torch.ones(()))
@@ -391,7 +391,7 @@ def test_grad_scale_and_unscale_agree_for_any_scale(path: str, compile_counter: 
         ps = params()
         opt = torch_adamp.AdamP(ps, lr=1e-2, weight_decay=0.1, **path_kwargs(path))
         scaler = scaler_of(1234.5, growth_interval=1, growth_factor=1.7)
-        with backend(path):
+        with backend(path, opt):
             for step in range(4):
                 scale = scaler.scale(torch.ones(()))
                 for p, g in zip(ps, grads(step, ps), strict=True):
@@ -496,7 +496,7 @@ def test_no_host_read_of_found_inf(cls: type, kw: dict[str, Any], path: str, cap
     ps = params()
     opt = cls(ps, **kw, **path_kwargs(path), **extra)
     scaler = scaler_of(2.0**10)
-    with backend(path):
+    with backend(path, opt):
         for step in range(3):
             gs = poisoned(step + 1, grads(step, ps))  # step 1 of these holds an inf
             scale = scaler.scale(torch.ones(()))
@@ -547,7 +547,7 @@ def test_compile_back_end_no_host_read(cls: type, compile_counter: Any) -> None:
     scaler = scaler_of(2.0**10)
     calls: list[str] = []
     names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
-    with _fused.use_backend("compile"):
+    with backend("compile", opt):
         for step in range(4):
             gs = poisoned(step + 1, grads(step, ps))
             scale = scaler.scale(torch.ones(()))

@@ -36,7 +36,7 @@ from optim_info import (
 from torch import Tensor
 from torch.optim import Optimizer
 
-from torch_adamp.engine import fused as _fused
+from torch_adamp.engine import native as _native_backend
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -49,7 +49,7 @@ def _one_thread() -> Iterator[None]:
 
 def _impls(info: OptimizerInfo, include_forloop: bool = True) -> list[str]:
     out = [i for i in info.impls if include_forloop or i != "forloop"]
-    if not _fused.native_available():  # the native kernel did not build: fused=True is the compiled path
+    if not _native_backend.available():  # the native kernel did not build: fused=True is the compiled path
         out = [i for i in out if i != "fused" or info not in OWN_INFOS]
     return out
 

@@ -483,3 +483,52 @@ def test_shared_models_are_deterministic() -> None:
     b, lb = make_model("conv_bn")
     assert la(0).item() == lb(0).item()
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_sgdp_needs_no_top_level_lr_when_every_group_has_one() -> None:
+    """Hardening round 2, item 2 (found by another project's optimizer suite): SGDP takes lr from the groups alone."""
+    a, b = helpers.small_params(), helpers.small_params(1)
+    opt = SGDP([{"params": a, "lr": 0.1}, {"params": b, "lr": 0.01}], momentum=0.9)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.01]
+    helpers.random_grads(a + b, 2)
+    opt.step()
+    with pytest.raises(ValueError, match="lr"):
+        SGDP(
+            [{"params": helpers.small_params(), "lr": 0.1}, {"params": helpers.small_params(1)}]
+        )  # one group without any lr
+    with pytest.raises(ValueError, match="lr"):
+        SGDP(helpers.small_params())
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)], ids=["0d", "1", "1x1"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", list(helpers.SMALL_MAKERS))
+def test_one_element_tensor_lr(kind: str, path: str, shape: tuple[int, ...]) -> None:
+    """Hardening round 2, item 3 (found by another project's optimizer suite): any one-element tensor lr, on every
+    path, and never a half-applied step."""
+    results = []
+    for lr in (0.01, torch.full(shape, 0.01)):
+        params = helpers.small_params()
+        cls = AdamP if kind == "adamp" else SGDP
+        extra = {"momentum": 0.9} if kind == "sgdp" else {}
+        opt = cls(params, lr=lr, weight_decay=0.1, **extra, **path_kwargs(path))
+        for k in range(3):
+            helpers.random_grads(params, k)
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8, torch.bool, torch.int32, torch.int64, torch.float8_e4m3fn])
+@pytest.mark.parametrize("kind", list(helpers.SMALL_MAKERS))
+def test_non_float_parameters_are_refused(kind: str, dtype: torch.dtype) -> None:
+    """Hardening round 2, item 8 (found by another project's optimizer suite): non-float parameters are refused by
+    name, at construction and add_param_group."""
+    bad = torch.zeros(4, 3, dtype=dtype)
+    with pytest.raises(ValueError, match=r"'bad'.*dtype"):
+        helpers.SMALL_MAKERS[kind]([("ok", torch.nn.Parameter(torch.zeros(3))), ("bad", bad)])
+    opt = helpers.SMALL_MAKERS[kind](helpers.small_params())
+    with pytest.raises(ValueError, match="dtype"):
+        opt.add_param_group({"params": [bad]})
+    assert len(opt.param_groups) == 1

@@ -20,7 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_adamp
 from torch_adamp import SGDP, AdamP, Projected, projection
-from torch_adamp.engine import fused
+from torch_adamp.engine import native as native_backend
+from torch_adamp.projected import native as projected_native
 
 SHAPES = ((8, 3, 3, 3), (6, 4, 3, 3), (10, 5), (12, 7), (7,))
 INNER = {"single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
@@ -54,22 +55,22 @@ def row_sums(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     tensors) and ``torch`` (torch operations: other devices, no C compiler). The test fails if the native
     way it names never ran."""
     if request.param != "plain":
-        monkeypatch.setattr(fused, "projected_takes", lambda *args: False)
+        monkeypatch.setattr(projected_native, "takes", lambda *args: False)
     if request.param == "torch":
-        monkeypatch.setattr(fused, "projected_row_sums", lambda *args: None)
+        monkeypatch.setattr(projected_native, "row_sums", lambda *args: None)
         yield "torch"
         return
-    if not fused.native_available():
+    if not native_backend.available():
         pytest.skip("no native kernels")
-    name = "projected_before" if request.param == "plain" else "projected_row_sums"
-    native, used = getattr(fused, name), []
+    name = "before" if request.param == "plain" else "row_sums"
+    native, used = getattr(projected_native, name), []
 
     def spy(*args: Any) -> Tensor | None:
         out = native(*args)
         used.append(out is not None)
         return out
 
-    monkeypatch.setattr(fused, name, spy)
+    monkeypatch.setattr(projected_native, name, spy)
     yield str(request.param)
     assert any(used)
 
@@ -533,7 +534,7 @@ def _orthogonal_grads(params: list[nn.Parameter], step: int) -> list[Tensor]:
     return out
 
 
-@pytest.mark.skipif(not fused.native_available(), reason="no native kernels")
+@pytest.mark.skipif(not native_backend.available(), reason="no native kernels")
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_native_row_sums_are_the_torch_row_sums(dtype: torch.dtype, threads: int) -> None:
@@ -549,7 +550,7 @@ def test_native_row_sums_are_the_torch_row_sums(dtype: torch.dtype, threads: int
     torch.set_num_threads(threads)
     try:
         for scale in (1.0, 0.999):
-            got = fused.projected_row_sums(wb, g, wa, scale)
+            got = projected_native.row_sums(wb, g, wa, scale)
             assert got is not None and got.dtype == dtype and got.shape == (sum(s[0] for s in shapes), 4)
             if scale == 1.0:
                 u = torch._foreach_sub(wb, wa)
@@ -563,22 +564,23 @@ def test_native_row_sums_are_the_torch_row_sums(dtype: torch.dtype, threads: int
             assert ((got - want).abs() <= tol * bound).all()
             # the two-sweep form: the copy and the first three sums before the step, the projection after it
             bufs = [torch.empty_like(w) for w in wb]
-            before = fused.projected_before(wb, g, bufs)
+            before = projected_native.before(wb, g, bufs)
             assert all(torch.equal(b, w) for b, w in zip(bufs, wb, strict=True))
             assert ((before[:, :3] - want[:, :3]).abs() <= tol * bound[:, :3]).all() and not before[:, 3].any()
             for mode in ("channel", "layer", False):
-                coefs, view, _ = projection.coefficients_from_row_sums(wb, want, delta=0.1, eps=1e-8, mode=mode)
+                decision = projection.RowDecision(want, [w.shape for w in wb], delta=0.1, eps=1e-8, mode=mode)
+                coefs, view, _ = decision.coefficients()
                 projected = [(view[i] > 0).to(dtype) * 0.01 for i in range(len(wb))]
                 triples = zip(wa, wb, coefs, projected, strict=True)
                 expected = [a + (c + e) * b for a, b, c, e in triples]
                 got_w = [a.clone() for a in wa]
-                fused.projected_after(bufs, got_w, before.clone(), view, scale, 1e-8, 0.01)
+                projected_native.after(bufs, got_w, before.clone(), view, scale, 1e-8, 0.01)
                 for x, y in zip(got_w, expected, strict=True):
                     assert _rel(x, y) <= 10 * tol and (mode is not False or torch.equal(x, y))
     finally:
         torch.set_num_threads(old)
-    assert fused.projected_row_sums([wb[1].t()], [g[1].t()], [wa[1].t()], 1.0) is None  # not contiguous
-    assert fused.projected_row_sums(wb, g, wa, torch.tensor(1.0)) is None  # a tensor scale: torch's operations
+    assert projected_native.row_sums([wb[1].t()], [g[1].t()], [wa[1].t()], 1.0) is None  # not contiguous
+    assert projected_native.row_sums(wb, g, wa, torch.tensor(1.0)) is None  # a tensor scale: torch's operations
 
 
 @pytest.mark.parametrize("layout", [True, False])

@@ -31,10 +31,23 @@ tensor the reference does not project bitwise equal (same operation order).
 
 from __future__ import annotations
 
+from typing import Any
+
 import helpers
 import pytest
 import torch
-from helpers import ARCHITECTURES, LARGE_LR_OPTION_SETS, OPTION_SETS, LockstepResult, run_lockstep, run_synced
+from helpers import (
+    ARCHITECTURES,
+    LARGE_LR_OPTION_SETS,
+    OPTION_SETS,
+    PATHS,
+    LockstepResult,
+    path_kwargs,
+    run_lockstep,
+    run_synced,
+)
+
+from torch_adamp import SGDP
 
 ARCHS = list(ARCHITECTURES)
 TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
@@ -169,3 +182,21 @@ def test_harness_detects_a_wrong_decision() -> None:
     assert {m.path for m in result.mismatches} == {"single", "foreach"}
     assert result.first_inexact["single"] == 0
     assert result.final_rel["foreach"] > TOL[torch.float32]
+
+
+@pytest.mark.parametrize("options", [{"momentum": 0.0}, {"momentum": 0.9, "dampening": 0.1}])
+@pytest.mark.parametrize("path", PATHS)
+def test_sgdp_nesterov_edge_cases_match_the_reference(options: dict[str, Any], path: str) -> None:
+    """Hardening round 2, item 5 (found by another project's optimizer suite): SGDP's nesterov with momentum 0 or
+    dampening, as the reference package."""
+    adamp_ref = pytest.importorskip("adamp")
+    ours, ref = helpers.small_params(), helpers.small_params()
+    opt = SGDP(ours, lr=0.1, nesterov=True, weight_decay=1e-3, **options, **path_kwargs(path))
+    ref_opt = adamp_ref.SGDP(ref, lr=0.1, nesterov=True, weight_decay=1e-3, **options)
+    for k in range(4):
+        helpers.random_grads(ours, k)
+        helpers.random_grads(ref, k)
+        opt.step()
+        ref_opt.step()
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

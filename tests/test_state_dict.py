@@ -238,3 +238,63 @@ def _assert_equal_nested(a: Any, b: Any) -> None:
         assert isinstance(b, Tensor) and a.dtype == b.dtype and torch.equal(a, b)
     else:
         assert a == b and type(a) is type(b)
+
+
+@pytest.mark.parametrize("kind", list(helpers.SMALL_MAKERS))
+def test_state_dict_is_deterministic_through_load_and_deepcopy(kind: str) -> None:
+    """Hardening round 2, item 1 (found by another project's optimizer suite): load_state_dict() and deepcopy()
+    keep the param groups as they were."""
+    params = helpers.small_params()
+    opt = helpers.SMALL_MAKERS[kind](params)
+    helpers.random_grads(params, 1)
+    opt.step()
+    saved = opt.state_dict()
+    other = helpers.SMALL_MAKERS[kind](helpers.small_params())
+    other.load_state_dict(copy.deepcopy(saved))
+    again = other.state_dict()
+    assert again["param_groups"] == saved["param_groups"]
+    assert "differentiable" not in again["param_groups"][0]
+    assert copy.deepcopy(opt).state_dict()["param_groups"] == saved["param_groups"]
+
+
+@pytest.mark.parametrize(("key", "value"), [("nesterov", "no"), ("lr", "abc"), ("eps", -1.0)])
+def test_bad_group_values_are_refused_on_load_before_anything_changes(key: str, value: Any) -> None:
+    """Hardening round 2, item 11 (found by another project's optimizer suite): group values checked on load as at
+    construction."""
+    params = helpers.small_params()
+    opt = helpers.SMALL_MAKERS["adamp"](params)
+    helpers.random_grads(params, 0)
+    opt.step()
+    saved = opt.state_dict()
+    before = copy.deepcopy(opt.state_dict())
+    bad = copy.deepcopy(saved)
+    bad["param_groups"][0][key] = value
+    with pytest.raises(ValueError, match=key):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for k, st in before["state"].items():
+        for name, t in st.items():
+            assert torch.equal(after["state"][k][name], t)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_integer_step_counters_are_normalised(path: str) -> None:
+    """Hardening round 2 (found by another project's optimizer suite). A checkpoint with an int64 (or Python int)
+    step, which torch.optim.AdamW and foreach=False accept."""
+    params = helpers.small_params()
+    opt = torch_adamp.AdamP(params, lr=1e-2, **path_kwargs(path))
+    helpers.random_grads(params, 0)
+    opt.step()
+    sd = opt.state_dict()
+    ref = torch_adamp.AdamP([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2, **path_kwargs(path))
+    ref.load_state_dict(copy.deepcopy(sd))
+    sd["state"][0]["step"] = torch.tensor(1, dtype=torch.int64)
+    sd["state"][1]["step"] = 1
+    opt.load_state_dict(sd)
+    for o in (opt, ref):
+        helpers.random_grads(list(o.param_groups[0]["params"]), 1)
+        o.step()
+    for p, q in zip(opt.param_groups[0]["params"], ref.param_groups[0]["params"], strict=True):
+        assert torch.equal(p, q)
+    assert all(isinstance(opt.state[p]["step"], Tensor) and opt.state[p]["step"].dtype == torch.float32 for p in params)

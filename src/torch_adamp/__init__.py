@@ -5,18 +5,14 @@ Scale-invariant Weights", ICLR 2021 (arXiv 2006.08217).
 """
 
 from . import functional
-from .adamp import AdamP
 from .diagnostics import find_scale_invariant, param_groups
 from .distributed import FlatParameterError
 from .interop import to_reference_state_dict
+from .optimizer import ProjectedOptimizer
+from .optimizers.adamp import AdamP, adamp
+from .optimizers.sgdp import SGDP, sgdp
 from .projected import Projected
 from .projection import project_single, projection_coefficients
-from .sgdp import SGDP
-
-# importing the submodules adamp/sgdp (by interop, above) binds their names on the package: the functional
-# API is what torch_adamp.adamp and torch_adamp.sgdp name, as torch.optim.adam.adam does
-adamp = functional.adamp
-sgdp = functional.sgdp
 
 __version__ = "0.1.0"
 
@@ -25,9 +21,11 @@ __all__ = [
     "AdamP",
     "FlatParameterError",
     "Projected",
+    "ProjectedOptimizer",
     "__version__",
     "adamp",
     "find_scale_invariant",
+    "functional",
     "param_groups",
     "project_single",
     "projection_coefficients",

@@ -12,7 +12,7 @@ reference package's operation order element by element (compiled with
 float rounding with the same decisions, and are bitwise the same for any
 thread count and whatever the speculative sweep guessed. The kernels keep no
 state between calls: the guesses and the spare block of the speculative sweep
-are passed in by the caller (:class:`torch_adamp.engine.fused.Workspace`).
+are passed in by the caller (:class:`torch_adamp.engine.workspace.Workspace`).
 How the sweeps move bytes, and what that measured: docs/performance.md.
 
 Build: the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``), once per
@@ -46,6 +46,8 @@ from typing import Any
 #: the C sources (torch_adamp/csrc), compiled as one translation unit: kernels.c includes the others
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("torch_adamp.h", "common.h", "rows.h", "adamp.h", "sgdp.h", "projected.h", "kernels.c")
+#: the rules with a native kernel
+KERNEL_RULES = ("adamp", "sgdp")
 
 
 def source() -> str:

@@ -12,9 +12,10 @@ parameters, gradients and optimizer states are DTensors placed ``Shard(d)``:
   for all parameters together, into ONE tensor and summed with ONE
   ``all_reduce`` over the process group of the mesh dimension the parameters
   are sharded on (with HSDP, the shard group only, never the replicate group).
-  See :func:`torch_adamp.projection.projection_coefficients` for the packing.
-  Parameter groups are stepped as coroutines when more than one of them needs
-  a reduction, so that their requests merge into that one collective too.
+  See :class:`torch_adamp.projection.RowDecision` for the packing. A step runs
+  in two phases (the stage 1 / reduce / stage 2 shape of apex's distributed
+  LAMB): the row sums of every parameter group, then :func:`reduce` of all of
+  them in that one collective, then the decisions and updates.
 
 With ``Shard(0)`` rows are whole on one rank; with ``Shard(d >= 1)`` rows are
 split and their partial sums are reduced as well (4 numbers per row).
@@ -33,21 +34,28 @@ are recognised as replacing the optimizer's own parameters, and supported, in
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from .engine import precision
-from .projection import projectable_shape
+from .projection import RowDecision, projectable
 
-__all__ = ["FlatParameterError", "ShardedStep", "check_flat", "is_dtensor", "localize", "norm_stats", "run_group_steps"]
+__all__ = [
+    "FlatParameterError",
+    "ShardedStep",
+    "check_flat",
+    "finish",
+    "is_dtensor",
+    "localize",
+    "norm_stats",
+    "reduce",
+]
 
 
 class FlatParameterError(ValueError):
@@ -132,24 +140,17 @@ def _layout(p: Tensor, project: bool, what: Callable[[], str]) -> _Layout:
 
 
 def _projects(p: Tensor, mode: Any) -> bool:
-    return mode is not False and projectable_shape(p.shape)
-
-
-def _needs_reduction(p: Tensor) -> bool:
-    if not is_dtensor(p) or not projectable_shape(p.shape):
-        return False
-    mesh = p.device_mesh  # type: ignore[attr-defined]
-    return any(not pl.is_replicate() and mesh.size(d) > 1 for d, pl in enumerate(p.placements))  # type: ignore[attr-defined]
+    return mode is not False and projectable(p.shape)
 
 
 # -- the helper the multi-tensor path talks to ------------------------------------------
 class ShardedStep:
-    """The ``dist`` object of :func:`torch_adamp.engine.tail.apply_multi` for one group step.
+    """The ``dist`` object of the multi-tensor path (:func:`torch_adamp.engine.begin`) for one group step.
 
-    It answers for the local tensors handed to the math: their global shapes,
-    whether their rows are split, and sums the packed global quantities over
-    the shard group. Lists may hold the local tensors themselves or float32
-    copies of a whole device/dtype bucket (half-precision parameters).
+    It answers for the local tensors handed to the math: their layouts (global shapes, whether their rows
+    are split, the group to reduce over), which :func:`reduce` reads from the decisions made on them.
+    Lists may hold the local tensors themselves or float32 copies of a whole device/dtype bucket
+    (half-precision parameters).
     """
 
     def __init__(self, locals_: Sequence[Tensor], layouts: Sequence[_Layout]) -> None:
@@ -158,7 +159,6 @@ class ShardedStep:
         self._known: dict[int, tuple[Tensor, _Layout]] = {
             id(t): (t, lay) for t, lay in zip(self._locals, self._layouts, strict=True)
         }
-        self._pending: list[_Layout] | None = None
 
     def _find(self, tensors: Sequence[Tensor]) -> list[_Layout]:
         out = []
@@ -186,46 +186,71 @@ class ShardedStep:
             self._known[id(t)] = (t, lay)
         return [lay for _, lay in bucket]
 
-    def global_shapes(self, tensors: Sequence[Tensor]) -> list[tuple[int, ...]]:
-        return [lay.shape for lay in self._find(tensors)]
+    def layouts(self, tensors: Sequence[Tensor]) -> list[_Layout]:
+        """Per tensor (local shards, or float32 copies of a whole bucket of them): its global shape, whether
+        its rows are split across ranks, and the process group its sums are reduced over."""
+        return self._find(tensors)
 
-    def rows_split(self, tensors: Sequence[Tensor]) -> list[bool]:
-        """Per tensor, whether its rows are split; also fixes the layout of the next :meth:`all_reduce`."""
-        layouts = self._find(tensors)
-        self._pending = layouts
-        return [lay.rows_split for lay in layouts]
 
-    def all_reduce(self, packed: Tensor) -> None:
-        """Sum ``packed`` (laid out for the tensors of the last :meth:`rows_split`) over the shard group."""
-        layouts, self._pending = self._pending, None
-        if layouts is None:
-            raise RuntimeError("torch_adamp internal error: all_reduce without a preceding rows_split")
-        groups = {id(lay.group): lay.group for lay in layouts if lay.group is not None}
-        if not groups:
-            return  # nothing sharded here: the same on every rank, so no rank calls a collective
-        if len(groups) > 1:
-            raise NotImplementedError(
-                "the parameters of one optimizer step are sharded over different process groups; torch_adamp "
-                "reduces over one shard group per step (put parameters of different meshes in different optimizers)"
-            )
-        (group,) = groups.values()
+class Waiting(Protocol):
+    """A step between its two phases: its :attr:`decision` (``None``: nothing to sum), then :meth:`finish`."""
+
+    @property
+    def decision(self) -> RowDecision | None: ...
+
+    def finish(self) -> None: ...
+
+
+def finish(waiting: Sequence[Waiting]) -> None:
+    """Phase 2 of a sharded step: the packed sums of every step waiting for them (every bucket of every
+    parameter group) in one collective (:func:`reduce`), then each step's decision and update."""
+    reduce([s.decision for s in waiting if s.decision is not None])
+    for s in waiting:
+        s.finish()
+
+
+def reduce(decisions: Sequence[RowDecision]) -> None:
+    """Sum the packed totals of these decisions (phase 1 of every bucket of every parameter group of one step,
+    made on sharded tensors) over their shard group: one ``all_reduce`` for all of them.
+
+    Tensors whole on this rank (plain tensors, ``Replicate``, a mesh dimension of size 1) keep their own
+    numbers: they send zeros and get them back. Nothing is sent when no tensor is sharded (the same on
+    every rank, so no rank calls a collective)."""
+    groups = {id(lay.group): lay.group for d in decisions for lay in d.layouts if lay.group is not None}
+    if not groups:
+        return
+    if len(groups) > 1:
+        raise NotImplementedError(
+            "the parameters of one optimizer step are sharded over different process groups; torch_adamp "
+            "reduces over one shard group per step (put parameters of different meshes in different optimizers)"
+        )
+    (group,) = groups.values()
+    parts: list[tuple[Tensor, tuple[Tensor, Tensor] | None]] = []  # (packed, (whole-tensor mask, saved head))
+    for d in decisions:
+        layouts: list[_Layout] = d.layouts
+        whole = [lay.group is None for lay in layouts]
+        if all(whole):
+            continue  # nothing of it is sharded: it keeps its own numbers
         n = len(layouts)
         expected = 5 * n + 4 * sum(lay.shape[0] for lay in layouts if lay.rows_split)
-        if packed.dim() != 1 or packed.numel() != expected:
+        if d.packed.dim() != 1 or d.packed.numel() != expected:
             raise RuntimeError(
-                f"torch_adamp internal error: packed tensor of {packed.numel()} numbers, expected {expected}"
+                f"torch_adamp internal error: packed tensor of {d.packed.numel()} numbers, expected {expected}"
             )
-        whole = [lay.group is None for lay in layouts]
         if any(whole):
-            # tensors whole on this rank keep their own numbers: send zeros, put them back after
-            head = packed[: 5 * n].view(n, 5)
-            mask = torch.tensor(whole, device=packed.device).unsqueeze(1)
-            saved = head.clone()
+            head = d.packed[: 5 * n].view(n, 5)
+            mask = torch.tensor(whole, device=head.device).unsqueeze(1)
+            parts.append((d.packed, (mask, head.clone())))
             head.masked_fill_(mask, 0)
-            _reduce(packed, group)
-            head.copy_(torch.where(mask, saved, head))
         else:
-            _reduce(packed, group)
+            parts.append((d.packed, None))
+    _merged_all_reduce([p for p, _ in parts], group)
+    for packed, kept in parts:
+        if kept is not None:
+            mask, saved = kept
+            n = mask.shape[0]
+            head = packed[: 5 * n].view(n, 5)
+            head.copy_(torch.where(mask, saved, head))
 
 
 def localize(
@@ -338,140 +363,17 @@ def _all_reduce(packed: Tensor, group: Any) -> None:
     c10d.all_reduce(packed, group=group)
 
 
-_local = threading.local()
-
-
-def _reduce(packed: Tensor, group: Any) -> None:
-    rendezvous = getattr(_local, "rendezvous", None)
-    if rendezvous is None:
-        _all_reduce(packed, group)
-    else:
-        rendezvous.submit(packed, group)
-
-
-class _Aborted(Exception):
-    pass
-
-
-class _Worker:
-    """One group step run as a coroutine: a thread that only runs while the caller waits for it."""
-
-    def __init__(self, fn: Callable[[], None], rendezvous: _Rendezvous, context: Callable[[], None]) -> None:
-        self.fn, self.rendezvous, self.context = fn, rendezvous, context
-        self.go = threading.Semaphore(0)
-        self.parked = threading.Semaphore(0)
-        self.request: tuple[Tensor, Any] | None = None
-        self.error: BaseException | None = None
-        self.aborted = False
-        self.thread = threading.Thread(target=self._main, daemon=True, name="torch_adamp-group-step")
-
-    def _main(self) -> None:
-        _local.rendezvous = self
-        try:
-            self.context()
-            self.fn()
-        except _Aborted:
-            pass
-        except BaseException as e:  # re-raised by the caller
-            self.error = e
-        finally:
-            self.request = None
-            self.parked.release()
-
-    def submit(self, packed: Tensor, group: Any) -> None:  # in the worker thread
-        self.request = (packed, group)
-        self.parked.release()
-        self.go.acquire()
-        if self.aborted:
-            raise _Aborted
-
-    def resume(self) -> None:  # in the caller: run until the next request or the end
-        if self.thread.ident is None:
-            self.thread.start()
-        else:
-            self.go.release()
-        self.parked.acquire()
-
-
-class _Rendezvous:
-    def run(self, fns: Sequence[Callable[[], None]]) -> None:
-        context = _thread_context()
-        workers = [_Worker(fn, self, context) for fn in fns]
-        active = workers
-        while active:
-            for w in active:
-                w.resume()  # one at a time, in group order: deterministic on every rank
-            error = next((w.error for w in active if w.error is not None), None)
-            waiting = [w for w in active if w.request is not None]
-            if error is None and waiting:
-                try:
-                    _merged_all_reduce([w.request for w in waiting])  # type: ignore[misc]
-                except BaseException as e:
-                    error = e
-            if error is not None:
-                for w in waiting:  # release the parked groups without their sums
-                    w.aborted = True
-                    w.resume()
-                raise error
-            active = waiting
-        for w in workers:
-            w.thread.join()
-
-
-def _merged_all_reduce(requests: Sequence[tuple[Tensor, Any]]) -> None:
-    """One ``all_reduce`` per (process group, device, dtype): normally exactly one."""
-    buckets: dict[tuple[int, torch.device, torch.dtype], list[Tensor]] = {}
-    groups = {}
-    for packed, group in requests:
-        key = (id(group), packed.device, packed.dtype)
-        buckets.setdefault(key, []).append(packed)
-        groups[key] = group
-    for key, tensors in buckets.items():
-        if len(tensors) == 1:
-            _all_reduce(tensors[0], groups[key])
+def _merged_all_reduce(tensors: Sequence[Tensor], group: Any) -> None:
+    """One ``all_reduce`` of these 1-D tensors over ``group`` per device and dtype: normally exactly one (a
+    single tensor in place, several concatenated and copied back)."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.device, t.dtype), []).append(t)
+    for bucket in buckets.values():
+        if len(bucket) == 1:
+            _all_reduce(bucket[0], group)
             continue
-        flat = torch.cat(tensors)
-        _all_reduce(flat, groups[key])
-        for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+        flat = torch.cat(bucket)
+        _all_reduce(flat, group)
+        for t, part in zip(bucket, flat.split([t.numel() for t in bucket]), strict=True):
             t.copy_(part)
-
-
-def _thread_context() -> Callable[[], None]:
-    """What a worker thread must share with the caller: grad mode, CUDA device and stream."""
-    grad = torch.is_grad_enabled()
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    stream = torch.cuda.current_stream() if cuda else None
-
-    def apply() -> None:
-        torch.set_grad_enabled(grad)
-        if stream is not None:
-            torch.cuda.set_device(stream.device)
-            torch.cuda.set_stream(stream)
-
-    return apply
-
-
-def run_group_steps(step_group: Callable[..., None], jobs: Sequence[tuple[Any, ...]]) -> None:
-    """Run ``step_group(*job)`` for every job (one per parameter group).
-
-    When two or more groups hold sharded DTensor weights that may be projected,
-    they are run as coroutines so that their packed sums go out in a single
-    ``all_reduce``; otherwise they simply run one after the other.
-    """
-    reducing = [job for job in jobs if _group_reduces(job[0], job[1])] if len(jobs) > 1 else []
-    if len(reducing) < 2:
-        for job in jobs:
-            step_group(*job)
-        return
-    for job in jobs:
-        if not any(job is r for r in reducing):
-            step_group(*job)
-    _Rendezvous().run([functools.partial(step_group, *job) for job in reducing])
-
-
-def _group_reduces(group: dict[str, Any], params: Sequence[Tensor]) -> bool:
-    return (
-        _dtensor_api() is not None
-        and group.get("scale_invariant") is not False
-        and any(_needs_reduction(p) for p in params)
-    )

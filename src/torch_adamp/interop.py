@@ -12,8 +12,8 @@ from typing import Any
 
 from torch import Tensor
 
-from .adamp import AdamP
-from .sgdp import SGDP
+from .optimizers.adamp import AdamP
+from .optimizers.sgdp import SGDP
 
 #: group options of the reference package ``adamp`` 0.3.0 (AdamP and SGDP)
 _REFERENCE_OPTIONS = {"lr", "betas", "eps", "weight_decay", "delta", "wd_ratio", "nesterov", "momentum", "dampening"}

@@ -36,39 +36,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import ScaleInvariant
+
 #: codes of the view a projection used (stored by ``track_stats``)
 NONE, CHANNEL, LAYER = 0, 1, 2
 VIEW_NAMES = {NONE: "none", CHANNEL: "channel", LAYER: "layer"}
 
-ScaleInvariant = Literal["auto", "channel", "layer"] | bool
-SCALE_INVARIANT_CHOICES = ("auto", "channel", "layer", False)
 
-
-def check_scale_invariant(value: object) -> None:
-    """Raise ``ValueError`` unless ``value`` is a valid ``scale_invariant`` option."""
-    if value is True:  # spelled out: True == "auto" would be ambiguous
-        raise ValueError(
-            "Invalid scale_invariant value: True; use 'auto' (cosine test), "
-            "'channel' or 'layer' (always project), or False (never project)"
-        )
-    if not any(value is c or (isinstance(value, str) and value == c) for c in SCALE_INVARIANT_CHOICES):
-        raise ValueError(f"Invalid scale_invariant value: {value!r}; expected one of 'auto', 'channel', 'layer', False")
-
-
-def projectable(p: Tensor, shape: Sequence[int] | None = None) -> bool:
-    """Whether a tensor of this (global) shape can be projected: ndim >= 2 and non-empty."""
-    shape = p.shape if shape is None else shape
-    return len(shape) > 1 and math.prod(shape) > 0
-
-
-def projectable_shape(shape: Sequence[int]) -> bool:
-    """Whether a tensor of this shape can be projected: ndim >= 2 and no size-0 dimension."""
+def projectable(p: Tensor | Sequence[int]) -> bool:
+    """Whether a tensor of this (global) shape can be projected: ndim >= 2 and no size-0 dimension."""
+    shape = p.shape if isinstance(p, Tensor) else p
     return len(shape) > 1 and all(s > 0 for s in shape)
 
 
@@ -183,23 +166,21 @@ def projection_coefficients(
     full shapes (thresholds depend on them), ``rows_split[i]`` says whether the
     rows of tensor ``i`` are themselves split across ranks (``Shard(d>=1)``),
     and ``all_reduce`` sums a 1-D tensor in place over the shard group. It is
-    called exactly once, on one packed tensor, whatever the number of tensors.
-    The packed layout is part of the protocol (:mod:`torch_adamp.distributed`
-    relies on it to keep whole, unsharded tensors out of the sum): first 5
-    numbers per tensor, in order (channel-test failures, ``<p,g>``, ``||p||^2``,
-    ``||g||^2``, ``<p,u>``), then, only if some ``rows_split[i]``, the 4 row
-    sums of every row of those tensors, in order.
+    called exactly once, on one packed tensor (:attr:`RowDecision.packed`),
+    whatever the number of tensors.
     """
-    return coefficients_from_row_sums(
-        params,
+    decision = RowDecision(
         channel_row_sums(params, grads, updates),
+        [p.shape for p in params] if global_shapes is None else global_shapes,
         delta=delta,
         eps=eps,
         mode=mode,
-        global_shapes=global_shapes,
+        local_rows=[p.shape[0] for p in params],
         rows_split=rows_split,
-        all_reduce=all_reduce,
     )
+    if all_reduce is not None:
+        all_reduce(decision.packed)
+    return decision.coefficients()
 
 
 def channel_row_sums(params: Sequence[Tensor], grads: Sequence[Tensor], updates: Sequence[Tensor]) -> Tensor:
@@ -219,91 +200,71 @@ def channel_row_sums(params: Sequence[Tensor], grads: Sequence[Tensor], updates:
     return torch.stack([pg, p_norm * p_norm, g_norm * g_norm, pu], dim=1)
 
 
-def coefficients_from_row_sums(
-    params: Sequence[Tensor],
-    row_sums: Tensor,
-    *,
-    delta: float,
-    eps: float,
-    mode: ScaleInvariant = "auto",
-    global_shapes: Sequence[Sequence[int]] | None = None,
-    rows_split: Sequence[bool] | None = None,
-    all_reduce: AllReduce | None = None,
-) -> tuple[list[Tensor], Tensor, Tensor]:
-    """:func:`projection_coefficients` from the row sums of :func:`channel_row_sums` (in the dtype and on the
-    device of ``params``, of which only the shapes, device and dtype are read): the decisions, the one
-    packed ``all_reduce`` and the coefficients, with the same protocol and results."""
-    shapes = [tuple(p.shape) for p in params] if global_shapes is None else [tuple(s) for s in global_shapes]
-    rows = [p.shape[0] for p in params]  # local rows
-    coef, view, row_sums = _row_decision(
-        row_sums, rows, shapes, delta, eps, mode, params[0].dtype, params[0].device, rows_split, all_reduce
-    )
-    coefs = [c.view(_row_shape(p)) for c, p in zip(coef.split(rows), params, strict=True)]
-    return coefs, view, row_sums[:, [1, 3]]
+class RowDecision:
+    """The decision of a list of projectable tensors from their row sums, in two phases around the one
+    collective a sharded step makes (the stage 1 / reduce / stage 2 shape of apex's distributed LAMB).
 
+    ``row_sums`` is ``(total rows, 4)``: per row (channel view, rows of all tensors in order) ``<w,g>``,
+    ``||w||^2``, ``||g||^2``, ``<w,u>`` (:func:`channel_row_sums`, or the native kernel's); ``shapes`` are
+    the whole tensors' shapes (thresholds depend on them) and ``local_rows`` the rows of each held here
+    when they are shards (default: all of them).
 
-def row_coefficients(
-    row_sums: Tensor,
-    shapes: Sequence[Sequence[int]],
-    *,
-    delta: float,
-    eps: float,
-    mode: ScaleInvariant = "auto",
-) -> tuple[Tensor, Tensor]:
-    """The decision and the per-row coefficients of :func:`projection_coefficients`, from complete row sums.
-
-    ``row_sums`` is ``(total_rows, 4)``: per row of every tensor of ``shapes``
-    (all projectable, rows in order), ``<p,g>``, ``||p||^2``, ``||g||^2`` and
-    ``<p,u>`` of the **whole** row, e.g. partial sums of pieces already summed
-    over the ranks that hold them (DeepSpeed ZeRO partitions). Returns
-    ``(coef, view)``: ``coef`` of shape ``(total_rows,)``, with the projected
-    update of row ``i`` being ``u_i - coef_i * w_i``, and ``view`` (``(n,)``,
-    int64) the view code per tensor; the same arithmetic as
-    :func:`projection_coefficients`.
+    Phase 1 (the constructor) computes per tensor the totals the decision needs; :attr:`packed` is what a
+    sharded caller must sum over its shard group, in place, before phase 2 (:meth:`coefficients`): first 5
+    numbers per tensor (channel-test failures, ``<w,g>``, ``||w||^2``, ``||g||^2``, ``<w,u>``), then, only
+    where ``rows_split[i]`` (rows themselves split across ranks, ``Shard(d >= 1)``), the 4 row sums of every
+    row of those tensors. A caller with whole tensors skips the reduction; :attr:`layouts` is left to the
+    caller (the sharded step keeps there what it needs to know which tensors take part in the sum).
     """
-    rows = [s[0] for s in shapes]
-    coef, view, _ = _row_decision(row_sums, rows, shapes, delta, eps, mode, row_sums.dtype, row_sums.device)
-    return coef, view
 
-
-def _row_decision(
-    row_sums: Tensor,
-    rows: Sequence[int],
-    shapes: Sequence[Sequence[int]],
-    delta: float,
-    eps: float,
-    mode: ScaleInvariant,
-    dtype: torch.dtype,
-    device: torch.device,
-    rows_split: Sequence[bool] | None = None,
-    all_reduce: AllReduce | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(coef per row, view per tensor, row sums)`` from local row sums: the totals, the one packed
-    ``all_reduce`` of :func:`projection_coefficients` when given (the row sums returned are then those
-    completed by it), and the decision."""
-    n = len(rows)
-    seg, chan_thr, layer_thr = _segments(rows, shapes, delta, dtype, device)
-    split = list(rows_split) if rows_split is not None else [False] * n
-    any_split = all_reduce is not None and any(split)
-    if any_split:
-        split_rows = torch.tensor(split, device=device)[seg]
-    # per tensor: [#rows failing the channel test, sum <p,g>, sum ||p||^2, sum ||g||^2, sum <p,u>]
-    totals = _totals(row_sums, seg, n, chan_thr, eps)
-    if all_reduce is not None:
-        if any_split:
-            # one collective: whole-row tensors send their 5 totals, split-row
-            # tensors their per-row partial sums
-            packed = torch.cat([totals.flatten(), row_sums[split_rows].flatten()])
-            all_reduce(packed)
-            totals = packed[: 5 * n].view(n, 5)
-            row_sums = row_sums.clone()
-            row_sums[split_rows] = packed[5 * n :].view(-1, 4)
-            split_totals = _totals(row_sums, seg, n, chan_thr, eps)
-            totals = torch.where(torch.tensor(split, device=device).unsqueeze(1), split_totals, totals)
+    def __init__(
+        self,
+        row_sums: Tensor,
+        shapes: Sequence[Sequence[int]],
+        *,
+        delta: float,
+        eps: float,
+        mode: ScaleInvariant = "auto",
+        local_rows: Sequence[int] | None = None,
+        rows_split: Sequence[bool] | None = None,
+    ) -> None:
+        self.rows = list(local_rows) if local_rows is not None else [s[0] for s in shapes]
+        self.ndims = [len(s) for s in shapes]
+        self.eps, self.mode, self.n = eps, mode, len(self.rows)
+        dtype, device = row_sums.dtype, row_sums.device
+        self.seg, self.chan_thr, self.layer_thr = _segments(self.rows, shapes, delta, dtype, device)
+        self.split = list(rows_split) if rows_split is not None and any(rows_split) else None
+        self.row_sums = row_sums
+        # per tensor: [#rows failing the channel test, sum <p,g>, sum ||p||^2, sum ||g||^2, sum <p,u>]
+        self.totals = _totals(row_sums, self.seg, self.n, self.chan_thr, eps)
+        if self.split is None:
+            self.packed = self.totals.view(-1)
         else:
-            all_reduce(totals.view(-1))
-    coef, view = _decide(row_sums, totals, seg, layer_thr, eps, mode)
-    return coef, view, row_sums
+            self.split_rows = torch.tensor(self.split, device=device)[self.seg]
+            self.packed = torch.cat([self.totals.flatten(), row_sums[self.split_rows].flatten()])
+        self.layouts: Any = None
+
+    def finish(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Phase 2: ``(coef per row, view per tensor, row sums)`` from the (summed) :attr:`packed`; the row
+        sums returned are those completed by the sum."""
+        totals, row_sums = self.totals, self.row_sums
+        if self.split is not None:
+            n = self.n
+            totals = self.packed[: 5 * n].view(n, 5)
+            row_sums = row_sums.clone()
+            row_sums[self.split_rows] = self.packed[5 * n :].view(-1, 4)
+            split_totals = _totals(row_sums, self.seg, n, self.chan_thr, self.eps)
+            split = torch.tensor(self.split, device=totals.device).unsqueeze(1)
+            totals = torch.where(split, split_totals, totals)
+        coef, view = _decide(row_sums, totals, self.seg, self.layer_thr, self.eps, self.mode)
+        return coef, view, row_sums
+
+    def coefficients(self) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Phase 2 as :func:`projection_coefficients` returns it: ``(coefs shaped (rows, 1, ...) per tensor,
+        view, (total rows, 2) of ||w||^2 and <w,u>)``."""
+        coef, view, row_sums = self.finish()
+        coefs = [c.view((-1,) + (1,) * (d - 1)) for c, d in zip(coef.split(self.rows), self.ndims, strict=True)]
+        return coefs, view, row_sums[:, [1, 3]]
 
 
 def _segments(

@@ -24,7 +24,7 @@ partition in place (:func:`step`):
 
 1. the rule's direction, elementwise, on the whole partition;
 2. per weight that may be projected (ndim >= 2), its piece on this rank cut
-   into at most three views: a partial first row, whole rows ``(k, L)`` and a
+   into at most three pieces: a partial first row, whole rows ``(k, L)`` and a
    partial last row; per row ``<w,g>``, ``||w||^2``, ``||g||^2``, ``<w,u>``
    of the piece, put at the row's place in a ``(rows of all weights of the
    group, 4)`` tensor, zeros elsewhere;
@@ -32,9 +32,10 @@ partition in place (:func:`step`):
    every rank then holds the sums of every whole row (rows cut by a
    partition boundary are summed across the ranks holding their parts);
 4. the decision and the per-row coefficients from those sums
-   (:func:`torch_adamp.projection.row_coefficients`, the arithmetic
-   of the unsharded multi-tensor path), identical on every rank;
-5. ``u <- u - c w`` on the row views, decay by the view taken, step.
+   (:class:`torch_adamp.projection.RowDecision`, the arithmetic of the
+   unsharded multi-tensor path), identical on every rank;
+5. ``u <- u - c w`` on the pieces, decay by the view taken, step: the engine's tail
+   (:func:`torch_adamp.engine.tail.apply`) with the pieces as its projected tensors.
 
 Nothing is gathered and the partition is never copied; the added memory is
 the ``4 x rows`` sums (and the layout: a few integers per piece). DeepSpeed
@@ -61,6 +62,7 @@ from . import projection
 from .distributed import FlatParameterError
 from .engine import tail
 from .engine.precision import upcast, write_back
+from .rule import Options, Rule
 
 __all__ = ["Groups", "Layout", "last_views", "step"]
 
@@ -134,7 +136,7 @@ class Groups:
             return None
         if group.get("scale_invariant") is False:
             return None
-        chosen = [i for i, p in enumerate(originals) if projection.projectable(p, _shape(p)) and p.requires_grad]
+        chosen = [i for i, p in enumerate(originals) if projection.projectable(_shape(p)) and p.requires_grad]
         weights = [originals[i] for i in chosen]
         if not weights:
             return None
@@ -252,7 +254,8 @@ def _layout(flat: Tensor, weights: Sequence[Tensor], signature: tuple[int, ...])
     return Layout(shapes, pieces, rest, row_index, group, flat.numel(), (flat.data_ptr(), flat.numel()), signature)
 
 
-def _views(flat: Tensor, layout: Layout) -> list[Tensor]:
+def _pieces(flat: Tensor, layout: Layout) -> list[Tensor]:
+    """The pieces of the weights' rows in ``flat`` (or a tensor laid out like it), as ``(rows, row length)``."""
     return [flat.narrow(0, f, k * L).view(k, L) for f, k, L, _ in layout.pieces]
 
 
@@ -261,13 +264,13 @@ def _rest(flat: Tensor, layout: Layout) -> list[Tensor]:
 
 
 def step(
-    rule: Any,
+    rule: Rule[Any],
     layout: Layout,
     param: Tensor,
     grad: Tensor,
     states: Sequence[Tensor],
     step_count: Tensor | None,
-    o: Any,
+    o: Options,
 ) -> None:
     """One step of ``rule`` on a flat ZeRO partition ``param`` (updated in place, as are ``states``)."""
     if param.shape != grad.shape or param.dim() != 1:
@@ -280,41 +283,30 @@ def step(
     S = [[upcast(s)] for s in states]
     U, step_size = rule.directions([w], [g], S, [step_count] if step_count is not None else None, o, as_tensor)
     u = U[0]
-    W, G, Uv = _views(w, layout), _views(g, layout), _views(u, layout)
+    W, G, Uw = _pieces(w, layout), _pieces(g, layout), _pieces(u, layout)
     # per-row partial sums of the pieces, at their rows of the packed (total rows, 4) tensor
     sums = torch.zeros(layout.total_rows, 4, dtype=w.dtype, device=w.device)
     if W:
-        p_norm = torch.cat([torch.linalg.vector_norm(x, dim=1) for x in W])
-        g_norm = torch.cat([torch.linalg.vector_norm(x, dim=1) for x in G])
-        pg = torch.cat([torch.linalg.vecdot(x, y, dim=1) for x, y in zip(W, G, strict=True)])
-        pu = torch.cat([torch.linalg.vecdot(x, y, dim=1) for x, y in zip(W, Uv, strict=True)])
-        sums.index_add_(0, layout.row_index, torch.stack([pg, p_norm * p_norm, g_norm * g_norm, pu], dim=1))
-    _all_reduce(sums.view(-1), layout.group)  # the step's one collective
-    coef, view = projection.row_coefficients(sums, layout.shapes, delta=o.delta, eps=o.eps, mode=o.scale_invariant)
+        sums.index_add_(0, layout.row_index, projection.channel_row_sums(W, G, Uw))
+    _all_reduce(sums.view(-1), layout.group)  # the step's one collective: every row's sums complete
+    decision = projection.RowDecision(sums, layout.shapes, delta=o.delta, eps=o.eps, mode=o.scale_invariant)
+    coef, view, _ = decision.finish()
     layout.views = view
-    if W:
-        c = coef[layout.row_index].split([k for _, k, _, _ in layout.pieces])
-        C = [ci.view(-1, 1) for ci in c]
-        if rule.update_is_state(o):  # the state keeps the unprojected values: project copies of the pieces
-            Uv = list(torch._foreach_addcmul(Uv, W, C, value=-1))
-        else:
-            torch._foreach_addcmul_(Uv, W, C, value=-1)
-    R = _rest(w, layout)
-    f_none, _ = tail.decay_factors(o.lr, o.weight_decay, o.wd_ratio, rule.wd_divisor(o))
-    if o.weight_decay != 0:
-        if W:
-            factors = tail.decay_factor(view, w, o.lr, o.weight_decay, o.wd_ratio, rule.wd_divisor(o))
-            torch._foreach_mul_(W, [factors[i] for _, _, _, i in layout.pieces])
-        if R:
-            torch._foreach_mul_(R, f_none)
-    if rule.update_is_state(o) and W:
-        targets, updates = W + R, Uv + _rest(u, layout)
-    else:
-        targets, updates = [w], [u]
-    if isinstance(step_size, Tensor):
-        torch._foreach_sub_(targets, torch._foreach_mul(updates, step_size))
-    else:
-        torch._foreach_add_(targets, updates, alpha=-step_size)
+    weight_of_piece = [i for _, _, _, i in layout.pieces]
+    C = [c.view(-1, 1) for c in coef[layout.row_index].split([k for _, k, _, _ in layout.pieces])]
+    # the pieces are the projectable tensors (their weight's view and coefficients), the rest is not
+    tail.apply(
+        W + _rest(w, layout),
+        G + _rest(g, layout),
+        Uw + _rest(u, layout),
+        step_size,
+        o,
+        proj_idx=range(len(W)),
+        coefs=C,
+        view=view[weight_of_piece] if W else None,
+        wd_divisor=rule.wd_divisor(o),
+        direction_is_state=rule.direction_is_state(o),
+    )
     write_back([param, *states], [w, *(s[0] for s in S)])
 
 

@@ -137,19 +137,19 @@ def run_one(kind: str, options: dict[str, Any], path: dict[str, Any], dtype: tor
     backend = path.pop("backend", None)
     if kw.get("lr") == "tensor":
         kw["lr"] = torch.tensor(0.01 if kind == "sgdp" else 1e-3)
-    if kind == "sgdp":
-        kw.setdefault("lr", 0.01)
-        opt: torch.optim.Optimizer = torch_adamp.SGDP(params, **kw, **path)
-    else:
-        opt = torch_adamp.AdamP(params, **kw, **path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # torch's reductions and the kernel's row split depend on the thread count
     try:
-        with _backend(backend):
-            for step in range(STEPS):
-                for p, g in zip(params, _gradients(params, step, gen), strict=True):
-                    p.grad = g
-                opt.step()
+        with _backend(backend):  # read when the optimizer is built
+            if kind == "sgdp":
+                kw.setdefault("lr", 0.01)
+                opt: torch.optim.Optimizer = torch_adamp.SGDP(params, **kw, **path)
+            else:
+                opt = torch_adamp.AdamP(params, **kw, **path)
+        for step in range(STEPS):
+            for p, g in zip(params, _gradients(params, step, gen), strict=True):
+                p.grad = g
+            opt.step()
     finally:
         torch.set_num_threads(threads)
     return _digest(params, opt)

@@ -1,15 +1,17 @@
-"""The tail every projected step shares: project, decay, step.
+"""The tail every batched projected step shares, in two parts: the coefficients, then their application.
 
-With a direction ``u`` (already scaled by the step size ``s`` when that is
-folded in), the per-row projection coefficients ``c`` of
-:func:`torch_adamp.projection.projection_coefficients` and the decoupled
-weight-decay factor ``f`` (``1 - lr wd / D``, or ``1 - lr wd wd_ratio / D``
-when projected; ``D`` is the rule's divisor)::
+With a direction ``u`` (already scaled by the step size ``s`` when that is folded in), the per-row
+projection coefficients ``c`` (:class:`torch_adamp.projection.RowDecision`: ``c = <w,u> / (||w|| + eps)^2``
+on the rows of the view taken, 0 elsewhere) and the decoupled weight-decay factor ``f`` (``1 - lr wd / D``,
+or ``1 - lr wd wd_ratio / D`` when projected; ``D`` is the rule's divisor)::
 
     w <- f * w - s * (u - c * w)
 
-The decision behind ``c`` and ``f`` is taken on the device (``torch.where``),
-never with a Python ``if`` on a tensor.
+:func:`decision` is the first part (the row sums and the decision's first phase, whose packed sums a
+sharded caller reduces before the second); :func:`apply` the second. The multi-tensor path, DeepSpeed's
+flat partitions (:mod:`torch_adamp.zero`) and, for the coefficients, ``Projected`` use them. The decision
+is taken on the device (``torch.where``), never with a Python ``if`` on a tensor. (The per-tensor path
+keeps the reference package's own operation order: :func:`torch_adamp.projection.project_single`.)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import projection
-from ..rules import Scaling
+from ..rule import NO_SCALING, Options, Scaling
 
 Scalar = float | Tensor
 Views = list[Tensor | None] | None  # per-parameter view codes (0-d tensors), or None when not recorded
@@ -56,90 +58,96 @@ def decay_factor(
     return torch.full(view.shape, f_none, dtype=like.dtype, device=like.device).masked_fill_(view > 0, f_proj)
 
 
-def apply_multi(
+def projected_indices(shapes: Sequence[Sequence[int]], mode: Any) -> list[int]:
+    """The positions of the tensors the projection may apply to (``scale_invariant`` not ``False``)."""
+    return [i for i, s in enumerate(shapes) if mode is not False and projection.projectable(s)]
+
+
+def decision(
+    params: Sequence[Tensor], grads: Sequence[Tensor], updates: Sequence[Tensor], o: Options, dist: Any = None
+) -> projection.RowDecision:
+    """Phase 1 of the projection of these (projectable, same-device, same-dtype) tensors: their row sums
+    and the totals of the decision. ``dist``: the sharding helper (:mod:`torch_adamp.distributed`), which
+    knows their global shapes and whether their rows are split; it sums :attr:`~RowDecision.packed`
+    before phase 2."""
+    layouts = dist.layouts(params) if dist is not None else None
+    d = projection.RowDecision(
+        projection.channel_row_sums(params, grads, updates),
+        [lay.shape for lay in layouts] if layouts is not None else [p.shape for p in params],
+        delta=o.delta,
+        eps=o.eps,
+        mode=o.scale_invariant,
+        local_rows=[p.shape[0] for p in params],
+        rows_split=[lay.rows_split for lay in layouts] if layouts is not None else None,
+    )
+    d.layouts = layouts
+    return d
+
+
+def apply(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     updates: Sequence[Tensor],
-    *,
-    lr: Scalar,
     step_size: Scalar,
-    weight_decay: float,
-    wd_ratio: float,
+    o: Options,
+    *,
+    proj_idx: Sequence[int],
+    coefs: Sequence[Tensor],
+    view: Tensor | None,
     wd_divisor: float,
-    delta: float,
-    eps: float,
-    mode: projection.ScaleInvariant,
-    updates_are_state: bool,
-    views: Views,
-    dist: Any = None,
-    caution: bool = False,
-    amp: Scaling | None = None,
+    direction_is_state: bool,
+    views: Views = None,
+    scaling: Scaling = NO_SCALING,
 ) -> None:
-    """Project, decay and step a list of same-device, same-dtype tensors.
+    """Phase 2: project, decay and step a list of same-device, same-dtype tensors.
 
-    ``w <- f * w - step_size * proj(u)``. ``updates`` are projected in place,
-    unless ``updates_are_state`` (they are state that must keep the unprojected
-    values: then a projected copy is made). ``dist`` is the sharding helper of
-    :mod:`torch_adamp.distributed` (global shapes, one packed all_reduce).
-    ``caution``: timm's cautious masking after the projection, one tensor at a
-    time (:func:`torch_adamp.projection.cautious`; local shards only).
-    ``amp``: GradScaler's skip (:class:`torch_adamp.rules.Scaling`): the decay
-    factors become 1 and the final updates ``+0.0`` on a skipped step.
+    ``w <- f * w - step_size * (u - c * w)`` with ``coefs[k]`` (shaped ``(rows, 1, ...)``) and ``view[k]``
+    the coefficients and view code of ``params[proj_idx[k]]``; the others are not projected. ``updates``
+    are projected in place, unless ``direction_is_state`` (they are state that must keep the unprojected
+    values: then projected copies are made). ``o.caution``: timm's cautious masking after the projection,
+    one tensor at a time (:func:`torch_adamp.projection.cautious`; whole tensors only). ``scaling``:
+    GradScaler's skip: the decay factors become 1 and the final updates ``+0.0`` on a skipped step.
     """
-    skip = amp is not None and amp.skip is not None
     n = len(params)
-    if n == 0:
-        return
-    shapes = dist.global_shapes(params) if dist is not None else [p.shape for p in params]
-    proj_idx = [i for i in range(n) if mode is not False and projection.projectable_shape(shapes[i])]
+    skip = scaling.skip is not None
+    lr, weight_decay, wd_ratio = o.lr, o.weight_decay, o.wd_ratio
     f_none, _ = decay_factors(lr, weight_decay, wd_ratio, wd_divisor)
     updates = list(updates)
+    p_proj = [params[i] for i in proj_idx]
     if proj_idx:
-        p_proj = [params[i] for i in proj_idx]
-        coefs, view, _ = projection.projection_coefficients(
-            p_proj,
-            [grads[i] for i in proj_idx],
-            [updates[i] for i in proj_idx],
-            delta=delta,
-            eps=eps,
-            mode=mode,
-            global_shapes=[shapes[i] for i in proj_idx],
-            rows_split=dist.rows_split(p_proj) if dist is not None else None,
-            all_reduce=dist.all_reduce if dist is not None else None,
-        )
+        assert view is not None
         if views is not None:
             for k, i in enumerate(proj_idx):
                 views[i] = view[k]
         # u <- u - c w  (c is zero on rows that are not projected)
         u_proj = [updates[i] for i in proj_idx]
-        if updates_are_state:
-            u_proj = list(torch._foreach_addcmul(u_proj, p_proj, coefs, value=-1))
+        if direction_is_state:
+            u_proj = list(torch._foreach_addcmul(u_proj, p_proj, list(coefs), value=-1))
             for k, i in enumerate(proj_idx):
                 updates[i] = u_proj[k]
         else:
-            torch._foreach_addcmul_(u_proj, p_proj, coefs, value=-1)
-    if caution:
+            torch._foreach_addcmul_(u_proj, p_proj, list(coefs), value=-1)
+    if o.caution:
         codes = [torch.zeros((), dtype=torch.long, device=params[0].device)] * n
         for k, i in enumerate(proj_idx):
-            codes[i] = view[k]
+            codes[i] = view[k]  # type: ignore[index]
         proj_set0 = set(proj_idx)
         for i in range(n):
-            if updates_are_state and i not in proj_set0:
+            if direction_is_state and i not in proj_set0:
                 updates[i] = updates[i].clone()  # the state keeps the unmasked values
-            projection.cautious(params[i], grads[i], updates[i], codes[i], eps=eps)
-    if proj_idx:
-        if weight_decay != 0:
-            f_proj = decay_factor(view, p_proj[0], lr, weight_decay, wd_ratio, wd_divisor)
-            if skip:
-                f_proj = amp.factor(f_proj, 1.0)  # type: ignore[union-attr, assignment]
-            torch._foreach_mul_(p_proj, list(f_proj))
+            projection.cautious(params[i], grads[i], updates[i], codes[i], eps=o.eps)
+    if proj_idx and weight_decay != 0:
+        f_proj: Tensor = decay_factor(view, p_proj[0], lr, weight_decay, wd_ratio, wd_divisor)  # type: ignore[arg-type]
+        if skip:
+            f_proj = scaling.factor(f_proj, 1.0)  # type: ignore[assignment]
+        torch._foreach_mul_(p_proj, list(f_proj))
     if weight_decay != 0:
         proj_set = set(proj_idx)
         rest = [params[i] for i in range(n) if i not in proj_set]
         if rest:
-            torch._foreach_mul_(rest, amp.factor(f_none, 1.0) if skip else f_none)  # type: ignore[union-attr]
+            torch._foreach_mul_(rest, scaling.factor(f_none, 1.0) if skip else f_none)
     if skip:
-        updates = [amp.update(u) for u in updates]  # type: ignore[union-attr]
+        updates = [scaling.update(u) for u in updates]
     if isinstance(step_size, Tensor):
         torch._foreach_sub_(list(params), torch._foreach_mul(updates, step_size))
     else:

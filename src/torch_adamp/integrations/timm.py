@@ -32,8 +32,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ..adamp import AdamP
-from ..sgdp import SGDP
+from ..optimizers.adamp import AdamP
+from ..optimizers.sgdp import SGDP
 
 #: The factory's defaults for the names registered here: those of timm's ``adamp`` / ``sgdp`` entries,
 #: plus ``project_momentum=False``, which makes this SGDP step as timm's does.

@@ -17,29 +17,27 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import distributed, projection, zero
-from .engine import fused, precision
-from .optimizer import TrackStats, _check_nonneg, amp_attributes, reused_copies
-from .rules import Scaling
+from .. import checks, distributed, projection, zero
+from ..engine import precision
+from ..rule import Scaling
+from ..stats import TrackStats, reused_copies
+from . import native
 
 __all__ = ["Projected"]
 
 
-def _describe(i: int, p: Tensor) -> str:
-    return f"parameter #{i} (shape {tuple(p.shape)}) of its parameter group"
-
-
-def _describe_at(params: Sequence[Tensor], i: int) -> str:
-    return _describe(i, params[i])
+def _describe_at(group: dict[str, Any], params: Sequence[Tensor], i: int) -> str:
+    return checks.describe(group, i, params[i])
 
 
 def _refuse_sparse(group: dict[str, Any], candidates: Sequence[Tensor]) -> None:
     """The error for a candidate of ``group`` with a sparse gradient (the projection needs dense rows)."""
     p = next(p for p in candidates if p.grad is not None and p.grad.is_sparse)
     i = next(k for k, q in enumerate(group["params"]) if q is p)
+    what = checks.describe(group, i, p)
     raise RuntimeError(
-        f"Projected does not support sparse gradients for the weights it may project, but {_describe(i, p)} "
-        "has one; use dense gradients (e.g. nn.Embedding(sparse=False)) or put it in a group with "
+        f"Projected does not support sparse gradients for the weights it may project, but {what} has one; "
+        "use dense gradients (e.g. nn.Embedding(sparse=False)) or put it in a group with "
         "scale_invariant=False"
     )
 
@@ -152,7 +150,7 @@ class Projected(TrackStats, Optimizer):
         delta: float = 0.1,
         wd_ratio: float = 0.1,
         eps: float = 1e-8,
-        scale_invariant: projection.ScaleInvariant = "auto",
+        scale_invariant: checks.ScaleInvariant = "auto",
         decoupled_weight_decay: bool | None = None,
         track_stats: bool = False,
     ) -> None:
@@ -267,11 +265,10 @@ class Projected(TrackStats, Optimizer):
 
     @staticmethod
     def _check(o: dict[str, Any]) -> None:
-        for name in ("delta", "wd_ratio", "projection_eps"):
-            _check_nonneg(name, o[name])
-        if o["wd_ratio"] > 1:
-            raise ValueError(f"Invalid wd_ratio value: {o['wd_ratio']!r}; expected a number in [0, 1]")
-        projection.check_scale_invariant(o["scale_invariant"])
+        for name in ("delta", "projection_eps"):
+            checks.nonneg(name, o[name])
+        checks.fraction("wd_ratio", o["wd_ratio"])
+        checks.scale_invariant("scale_invariant", o["scale_invariant"])
 
     @staticmethod
     def _check_params(group: dict[str, Any]) -> None:
@@ -281,14 +278,7 @@ class Projected(TrackStats, Optimizer):
         if group.get("differentiable"):
             raise ValueError("Projected does not support differentiable=True: the projection is not differentiable")
         params = group.get("params", [])
-        params = [params] if isinstance(params, Tensor) else params
-        for i, p in enumerate(params):
-            p = p[1] if isinstance(p, tuple) else p
-            if isinstance(p, Tensor) and p.is_complex():
-                raise ValueError(
-                    f"parameter #{i} (shape {tuple(p.shape)}) of its parameter group is complex; Projected does "
-                    "not support complex parameters (pass torch.view_as_real(p) as a real parameter instead)"
-                )
+        checks.parameters(group, [params] if isinstance(params, Tensor) else params, "Projected", float_only=False)
 
     def _decay_kind(self, group: dict[str, Any]) -> bool:
         """Whether the group's ``weight_decay`` is decoupled (``False`` also when there is none)."""
@@ -321,7 +311,7 @@ class Projected(TrackStats, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        scaling = amp_attributes(self)  # set by GradScaler.step only when inner supports the protocol
+        scaling = checks.scaling_tensors(self)  # set by GradScaler.step only when inner supports the protocol
         scaled = scaling[0] is not None or scaling[1] is not None
         if scaled and not self._step_supports_amp_scaling:
             raise ValueError(
@@ -334,20 +324,24 @@ class Projected(TrackStats, Optimizer):
         for group in self.param_groups:
             if group["scale_invariant"] is False:
                 continue
-            params = [p for p in group["params"] if p.grad is not None and projection.projectable_shape(p.shape)]
+            params = [p for p in group["params"] if p.grad is not None and projection.projectable(p)]
             if not params:
                 continue
             grads = [p.grad for p in params]
             if any(g.is_sparse for g in grads):  # refused before inner steps (nothing of the user's changed)
                 _refuse_sparse(group, params)
-            if not scaled and fused.projected_takes(params, grads, group["lr"]):  # scaled: the torch route
+            if not scaled and native.takes(params, grads, group["lr"]):  # scaled: the torch route
                 # plain CPU tensors: copy and decide now (w_b and g are all the test needs), project after
                 befores = self._buffers(params)
-                sums = fused.projected_before(params, grads, befores)
-                _, view, _ = projection.coefficients_from_row_sums(
-                    befores, sums, delta=group["delta"], eps=group["projection_eps"], mode=group["scale_invariant"]
+                sums = native.before(params, grads, befores)
+                decision = projection.RowDecision(
+                    sums,
+                    [p.shape for p in params],
+                    delta=group["delta"],
+                    eps=group["projection_eps"],
+                    mode=group["scale_invariant"],
                 )
-                plain.append((group, params, befores, sums, view))
+                plain.append((group, params, befores, sums, decision.finish()[1]))
                 continue
             if type(self.inner).__name__ in MUTATES_GRADS:
                 grads = reused_copies(grads, self._pre_grad, params)
@@ -358,9 +352,10 @@ class Projected(TrackStats, Optimizer):
             lr, ratio = group["lr"], group["wd_ratio"]
             wd = group.get("weight_decay", 0) if self._decay_kind(group) else 0
             scale = 1 - lr * wd if wd else 1.0
-            fused.projected_after(befores, params, sums, view, scale, group["projection_eps"], lr * wd * (1 - ratio))
+            native.after(befores, params, sums, view, scale, group["projection_eps"], lr * wd * (1 - ratio))
             views.update(zip(params, view.unbind(0), strict=True))
-        distributed.run_group_steps(self._project_group, [(*job, views, scaling) for job in jobs])
+        # the other groups in two phases: the row sums of every bucket, one collective where sharded, the updates
+        distributed.finish([b for job in jobs for b in self._project_group(*job, views, scaling)])
         self._stats_after(before, views)
         return loss
 
@@ -370,8 +365,9 @@ class Projected(TrackStats, Optimizer):
         (A sparse gradient of a candidate is refused where the candidates are collected, also before.)"""
         for group in self.param_groups:
             params = [p for p in group["params"] if isinstance(p, Tensor)]
-            distributed.check_flat(group, params, _describe, "Projected")
-            if self._zero.resolve(group, params, functools.partial(_describe_at, params), "Projected") is not None:
+            distributed.check_flat(group, params, functools.partial(checks.describe, group), "Projected")
+            what = functools.partial(_describe_at, group, params)
+            if self._zero.resolve(group, params, what, "Projected") is not None:
                 raise NotImplementedError(
                     "Projected does not step DeepSpeed ZeRO partitions (the inner optimizer sees flat tensors, "
                     "so the projection could not apply): pass torch_adamp.AdamP or SGDP to deepspeed.initialize, "
@@ -413,72 +409,91 @@ class Projected(TrackStats, Optimizer):
         befores: list[Tensor],
         views: dict[Tensor, Tensor],
         scaling: tuple[Tensor | None, Tensor | None] = (None, None),
-    ) -> None:
+    ) -> list[_Bucket]:
+        """Phase 1 of the projection of one group after the inner step, per device/dtype bucket."""
         dist, (P, G, B) = distributed.localize(
             group,
             params,
             grads,
             befores,
-            describe=lambda i, p: f"parameter #{i} (shape {tuple(p.shape)}) of its parameter group",
+            describe=lambda i, p: checks.describe(group, i, p),
             optimizer="Projected",
         )
-        lr, wd, ratio = group["lr"], group.get("weight_decay", 0), group["wd_ratio"]
-        decoupled = self._decay_kind(group)
-        for idx in precision.group_by_device_and_dtype(range(len(P)), P).values():
-            w_a = [precision.upcast(P[i]) for i in idx]
-            w_b = [precision.upcast(B[i]) for i in idx]
-            g = [precision.upcast(G[i]) for i in idx]
-            amp = Scaling.from_tensors(*scaling, w_a[0].device)
-            if amp is not None:
-                g = amp.grads(g, maximize=False)  # the test sees the unscaled gradients
-            view = self._project(w_a, w_b, g, group, lr, wd if decoupled else 0, ratio, dist, amp)
-            precision.write_back([P[i] for i in idx], w_a)
-            for k, i in enumerate(idx):
-                views[params[i]] = view[k]
+        wd = group.get("weight_decay", 0) if self._decay_kind(group) else 0
+        return [
+            _Bucket(
+                group,
+                [params[i] for i in idx],
+                [P[i] for i in idx],
+                [B[i] for i in idx],
+                [G[i] for i in idx],
+                wd,
+                dist,
+                scaling,
+                views,
+            )
+            for idx in precision.group_by_device_and_dtype(range(len(P)), P).values()
+        ]
 
-    @staticmethod
-    def _project(
-        w_a: Sequence[Tensor],
-        w_b: Sequence[Tensor],
-        g: Sequence[Tensor],
+
+class _Bucket:
+    """The projection of one device/dtype bucket of a group after the inner step, between its two phases:
+    ``w_a <- w_a + k w_b`` (see :class:`Projected`); where GradScaler skips the step, ``w_a`` (as ``inner``
+    left it) is kept bit for bit."""
+
+    def __init__(
+        self,
         group: dict[str, Any],
-        lr: float | Tensor,
+        params: list[Tensor],
+        locals_: list[Tensor],
+        befores: list[Tensor],
+        grads: list[Tensor],
         wd: float,
-        ratio: float,
         dist: Any,
-        amp: Scaling | None = None,
-    ) -> Tensor:
-        """``w_a <- w_a + k w_b`` (see the class docstring); returns the view codes. Where ``amp`` skips the
-        step, ``w_a`` (as ``inner`` left it) is kept bit for bit."""
+        scaling: tuple[Tensor | None, Tensor | None],
+        views: dict[Tensor, Tensor],
+    ) -> None:
+        self.params, self.locals, self.views = params, locals_, views
+        self.w_a = w_a = [precision.upcast(p) for p in locals_]
+        self.w_b = w_b = [precision.upcast(b) for b in befores]
+        self.scaling = Scaling.from_tensors(*scaling, w_a[0].device)
+        g = self.scaling.grads([precision.upcast(t) for t in grads], maximize=False)  # the test: unscaled
+        self.lr, self.wd, self.ratio = group["lr"], wd, group["wd_ratio"]
         # d = (1 - lr wd) w_b - w_a: the inner update without its decoupled decay; its row sums with w_b and
         # g in one sweep by the native kernel (d never materialised), else with torch operations
-        sums = fused.projected_row_sums(w_b, g, w_a, 1 - lr * wd if wd else 1.0)
+        scale = 1 - self.lr * wd if wd else 1.0
+        sums = native.row_sums(w_b, g, w_a, scale)
         if sums is None:
             if wd:
-                d = list(torch._foreach_mul(list(w_b), 1 - lr * wd))
-                torch._foreach_sub_(d, list(w_a))
+                d = list(torch._foreach_mul(w_b, scale))
+                torch._foreach_sub_(d, w_a)
             else:
-                d = list(torch._foreach_sub(list(w_b), list(w_a)))
+                d = list(torch._foreach_sub(w_b, w_a))
             sums = projection.channel_row_sums(w_b, g, d)
             del d
-        coefs, view, _ = projection.coefficients_from_row_sums(
-            w_b,
+        layouts = dist.layouts(w_a) if dist is not None else None
+        self.decision = projection.RowDecision(
             sums,
+            [lay.shape for lay in layouts] if layouts is not None else [w.shape for w in w_a],
             delta=group["delta"],
             eps=group["projection_eps"],
             mode=group["scale_invariant"],
-            global_shapes=dist.global_shapes(w_a) if dist is not None else None,
-            rows_split=dist.rows_split(w_a) if dist is not None else None,
-            all_reduce=dist.all_reduce if dist is not None else None,
+            local_rows=[w.shape[0] for w in w_a],
+            rows_split=[lay.rows_split for lay in layouts] if layouts is not None else None,
         )
-        if wd:
+        self.decision.layouts = layouts
+
+    def finish(self) -> None:
+        coefs, view, _ = self.decision.coefficients()
+        if self.wd:
             # projected: the decay factor 1 - lr wd becomes 1 - lr wd wd_ratio
-            extra = (view > 0).to(coefs[0].dtype) * (lr * wd * (1 - ratio))  # in the tensors' dtype
+            extra = (view > 0).to(coefs[0].dtype) * (self.lr * self.wd * (1 - self.ratio))  # in the tensors' dtype
             coefs = [c + e for c, e in zip(coefs, extra.unbind(), strict=True)]
-        if amp is None or amp.skip is None:
-            torch._foreach_addcmul_(list(w_a), list(w_b), coefs)
+        if self.scaling.skip is None:
+            torch._foreach_addcmul_(self.w_a, self.w_b, coefs)
         else:
-            new = torch._foreach_addcmul(list(w_a), list(w_b), coefs)
-            for a, n in zip(w_a, new, strict=True):
-                a.copy_(torch.where(amp.skip, a, n))
-        return view
+            new = torch._foreach_addcmul(self.w_a, self.w_b, coefs)
+            for a, n in zip(self.w_a, new, strict=True):
+                a.copy_(torch.where(self.scaling.skip, a, n))
+        precision.write_back(self.locals, self.w_a)
+        self.views.update(zip(self.params, view.unbind(0), strict=True))

@@ -1,7 +1,0 @@
-"""Optimizer rules: what each projected optimizer adds to the shared projection (see :mod:`.base`)."""
-
-from .adamp import ADAMP, AdamPOptions, AdamPRule
-from .base import Options, Rule, Scaling
-from .sgdp import SGDP, SGDPOptions, SGDPRule
-
-__all__ = ["ADAMP", "SGDP", "AdamPOptions", "AdamPRule", "Options", "Rule", "SGDPOptions", "SGDPRule", "Scaling"]
