@@ -79,7 +79,6 @@ class RMSpropP(ProjectedOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
-        capturable: bool = False,
         track_stats: bool = False,
         fp32_state: bool = True,
         caution: bool = False,

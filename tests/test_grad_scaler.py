@@ -331,7 +331,7 @@ def test_skipped_first_step(path: str, compile_counter: Any) -> None:
     opt = torch_adamp.AdamP(ps, lr=1e-2, **path_kwargs(path))
     ref = torch_adamp.AdamP(ref_ps, lr=1e-2, **path_kwargs(path))
     scaler = scaler_of(2.0**5)
-    with backend(path, opt):
+    with backend(path, opt, ref):
         scaled_step(scaler, opt, ps, [torch.full(p.shape, math.inf) for p in ps])
         assert all(opt.state[p]["step"].item() == 0 and opt.state[p]["exp_avg"].abs().sum() == 0 for p in ps)
         for step in range(2):

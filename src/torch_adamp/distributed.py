@@ -216,6 +216,7 @@ def reduce(decisions: Sequence[RowDecision]) -> None:
     Tensors whole on this rank (plain tensors, ``Replicate``, a mesh dimension of size 1) keep their own
     numbers: they send zeros and get them back. Nothing is sent when no tensor is sharded (the same on
     every rank, so no rank calls a collective)."""
+    decisions = [d for d in decisions if d.layouts is not None]  # None: whole tensors, never sharded
     groups = {id(lay.group): lay.group for d in decisions for lay in d.layouts if lay.group is not None}
     if not groups:
         return

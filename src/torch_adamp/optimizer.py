@@ -23,7 +23,7 @@ from torch.optim.optimizer import required
 
 from . import checks, distributed, engine, zero
 from .engine import Bundle, MultiTensorStep
-from .rule import Rule
+from .rule import NOT_GROUP_KEYS, Options, Rule
 from .stats import TrackStats
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
@@ -35,6 +35,14 @@ GROUP_KEYS: tuple[tuple[str, checks.Check], ...] = (
     ("track_stats", checks.boolean),
     ("fp32_state", checks.boolean),
 )
+
+
+#: the base options that have a default (:class:`torch_adamp.rule.Options`): present in every group
+BASE_DEFAULTS = {
+    f.name: f.default
+    for f in dataclasses.fields(Options)
+    if f.default is not dataclasses.MISSING and f.name not in NOT_GROUP_KEYS
+}
 
 
 def defaults_of(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -63,6 +71,8 @@ class ProjectedOptimizer(TrackStats, Optimizer):
     _step_supports_amp_scaling: ClassVar[bool] = True
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        # every group carries every base option (a subclass may leave out those it does not take: capturable)
+        defaults = {**BASE_DEFAULTS, **defaults}
         checked = {**defaults, "lr": 0.0} if defaults["lr"] is required else defaults  # then checked per group
         self._check_group(checked)
         # created here and mutated in place by step(): torch.compile replays in-place

@@ -38,17 +38,17 @@ from ..rule import (
     Step,
     Steps,
     Tensors,
+    option,
 )
-from ..rule import option as _option
 
 __all__ = ["ADAMP_RULE", "AdamP", "AdamPOptions", "AdamPRule", "adamp"]
 
 
 @dataclass(frozen=True)
 class AdamPOptions(Options):
-    beta1: float = _option(0.9, "coefficient of the running average of the gradient", check=checks.below_one)
-    beta2: float = _option(0.999, "coefficient of the running average of its square", check=checks.below_one)
-    nesterov: bool = _option(False, "Nesterov momentum on the first moment")
+    beta1: float = option(0.9, "coefficient of the running average of the gradient", check=checks.below_one)
+    beta2: float = option(0.999, "coefficient of the running average of its square", check=checks.below_one)
+    nesterov: bool = option(False, "Nesterov momentum on the first moment")
 
 
 def _log(beta: float) -> float:

@@ -40,20 +40,18 @@ from ..rule import (
     Step,
     Steps,
     Tensors,
+    option,
 )
-from ..rule import option as _option
 
 __all__ = ["SGDP", "SGDP_RULE", "SGDPOptions", "SGDPRule", "sgdp"]
 
 
 @dataclass(frozen=True)
 class SGDPOptions(Options):
-    momentum: float = _option(0.0, "momentum factor", check=checks.nonneg)
-    dampening: float = _option(
-        0.0, "dampening of the gradient in the buffer (applied from step 1)", check=checks.nonneg
-    )
-    nesterov: bool = _option(False, "Nesterov momentum")
-    project_momentum: bool = _option(True, "without nesterov, the stored buffer is projected along with the update")
+    momentum: float = option(0.0, "momentum factor", check=checks.nonneg)
+    dampening: float = option(0.0, "dampening of the gradient in the buffer (applied from step 1)", check=checks.nonneg)
+    nesterov: bool = option(False, "Nesterov momentum")
+    project_momentum: bool = option(True, "without nesterov, the stored buffer is projected along with the update")
 
 
 class SGDPRule(Rule[SGDPOptions]):

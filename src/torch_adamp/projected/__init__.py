@@ -67,69 +67,28 @@ class Projected(TrackStats, Optimizer):
     ``track_stats``); a group that already has one (e.g. ``scale_invariant``
     from :func:`torch_adamp.param_groups`) keeps its own.
 
-    **Math.** For each parameter ``w`` with gradient ``g`` in a group whose
-    ``scale_invariant`` is not ``False``, with at least 2 dimensions and
-    non-empty (the *projected candidates*), per step::
+    **Math** (docs/projected.md has the derivation, the paths and the exactness anchors). For each
+    parameter ``w`` with gradient ``g`` in a group whose ``scale_invariant`` is not ``False``, with at least
+    2 dimensions and non-empty::
 
-        w_b = w                          (copied into a buffer reused every step)
-        inner.step()                     -> w_a
-        d   = (1 - lr wd) w_b - w_a      (the inner update without its decoupled decay;
-                                          lr wd = 0 when the decay is coupled or absent)
-        decision, c = AdamP's test on (w_b, g): channel view, then layer view
-        w  <- (1 - lr wd r) w_b - (d - c w_b)      r = wd_ratio if projected, else 1
+        w_b = w;  inner.step() -> w_a;  d = (1 - lr wd) w_b - w_a   (wd: the decoupled decay, else 0)
+        decision, c = AdamP's test on (w_b, g)
+        w  <- (1 - lr wd r) w_b - (d - c w_b)                       (r = wd_ratio if projected, else 1)
 
-    where ``c w_b`` is the radial component of ``d`` with respect to ``w_b`` in
-    the chosen view (:func:`torch_adamp.projection.projection_coefficients`:
-    ``c_i = <w_i, d_i> / (||w_i|| + eps)^2``, ``0`` when not projected). It is
-    computed as ``w <- w_a + k w_b`` with ``k = c + lr wd (1 - wd_ratio)`` on
-    projected rows and ``k = 0`` elsewhere, so a weight that is not projected
-    keeps the inner optimizer's result bit for bit. For plain float32/float64
-    CPU tensors the copy, the test's row sums and the decision are one native
-    sweep before ``inner.step()`` (they need only ``w_b`` and ``g``), and the
-    channel projection one sweep after it (``d`` never stored); sharded and
-    other tensors are decided after the step from the same sums. With ``torch.optim.AdamW``
-    this is AdamP, and with ``torch.optim.SGD(momentum, nesterov=True)`` it is
-    ``SGDP(..., project_momentum=False)`` (tests/test_projected.py).
+    computed as ``w <- w_a + k w_b``: a weight that is not projected keeps ``inner``'s result bit for bit.
+    With ``torch.optim.AdamW`` this is AdamP; with ``torch.optim.SGD(momentum, nesterov=True)``,
+    ``SGDP(..., project_momentum=False)``. ``weight_decay`` is decoupled (and re-applied with ``wd_ratio``)
+    when the group says ``decoupled_weight_decay=True``, the class is in :data:`DECOUPLED`, or
+    ``decoupled_weight_decay=True`` is passed; coupled for :data:`COUPLED`; an unknown class with a
+    non-zero ``weight_decay`` is refused until the argument says which.
 
-    **Weight decay.** A *decoupled* decay ``w <- (1 - lr wd) w`` is radial, so
-    the projection would erase it; it is taken out of ``d`` and re-applied with
-    ``wd_ratio`` as in AdamP. It is read from the group's ``lr`` and
-    ``weight_decay`` when the group has ``decoupled_weight_decay=True``
-    (torch's Adam/AdamW/RAdam/NAdam) or the inner class is one of
-    :data:`DECOUPLED` (AdamW, Adafactor, torchao's AdamW8bit/4bit/Fp8, Lion),
-    or when ``decoupled_weight_decay=True`` is passed here. A *coupled* decay
-    (an L2 term ``wd w`` added to the gradient: SGD, Adam, RAdam and NAdam by
-    default, ...) is part of the update: its radial part is projected out with
-    the rest, nothing is re-applied, and projected weights get no decay of
-    their norm from it (use SGDP, or a decoupled inner optimizer, for that).
-    The scale-invariance test always uses ``p.grad`` itself (without the L2
-    term). An inner class in neither list with a non-zero ``weight_decay`` is
-    refused unless ``decoupled_weight_decay`` is given.
-
-    **Contract.** ``inner.step()`` must leave ``p.grad`` unchanged (torch.optim
-    optimizers do, but torch's foreach SGD with Nesterov momentum: for the
-    classes in :data:`MUTATES_GRADS` the gradients are copied first) and
-    apply a decoupled decay before its update (as torch's
-    AdamW and Adafactor do). The step never synchronises with the host beyond
-    what ``inner`` does, takes no Python decision on a tensor, and compiles
-    with ``torch.compile(fullgraph=True)`` where ``inner.step`` does. FSDP2
-    DTensor parameters are supported with one packed ``all_reduce`` per step.
-    Refused at construction and ``add_param_group``: complex parameters (pass
-    ``torch.view_as_real(p)``) and ``differentiable=True`` inner optimizers.
-
-    **GradScaler.** ``Projected`` follows ``inner``: where ``inner`` implements
-    GradScaler's protocol (``_step_supports_amp_scaling``: AdamP, SGDP, torch's
-    ``fused=True`` optimizers), so does ``Projected``: the scaler's ``grad_scale``
-    and ``found_inf`` are handed to ``inner.step()``, the scale-invariance test
-    uses the unscaled gradients, and a step with ``found_inf`` set leaves every
-    weight as ``inner`` left it (the projection is predicated on the device; no
-    host read). Otherwise it does not claim the protocol, and the scaler
-    unscales, checks on the host and skips the step as for ``inner`` alone.
-
-    **Memory.** One buffer per projected candidate, the size of the parameter,
-    allocated at its first step and reused afterwards (never in
-    ``state_dict()``); nothing for other parameters (a second one for the
-    gradient with the classes of :data:`MUTATES_GRADS`).
+    **Contract.** ``inner.step()`` must leave ``p.grad`` unchanged (the classes of :data:`MUTATES_GRADS`
+    get a copy) and apply a decoupled decay before its update. The step reads nothing to the host beyond
+    what ``inner`` does and compiles with ``torch.compile(fullgraph=True)`` where ``inner.step`` does;
+    FSDP2 DTensor parameters take one packed ``all_reduce`` per step. GradScaler's protocol is claimed
+    exactly when ``inner`` claims it (the test then sees the unscaled gradients, and a skipped step leaves
+    ``inner``'s result). Memory: one buffer per candidate, reused, never in ``state_dict()``. Refused at
+    construction and ``add_param_group``: complex parameters and ``differentiable=True``.
 
     Args:
         inner: a constructed optimizer over the parameters.
