@@ -64,6 +64,7 @@ def test_example_is_a_script_with_main(name: str) -> None:
 
 
 def test_projected_optimizer_keeps_the_norm() -> None:
+    require("torch_adamp_reproduce")  # its model and data: the package in reproduce/ (scripts/setup.sh installs it)
     plain, projected = load("projected_optimizer").main(["--steps", "60"])
     assert projected < plain
 
