@@ -1,9 +1,10 @@
 """The paper's projection around any optimizer: ``torch_adamp.Projected(torch.optim.RAdam(...))``.
 
 Trains the small conv-BatchNorm network of ``torch-adamp compare`` on the Fashion-MNIST subset shipped
-with torch-adamp, with RAdam and with ``Projected(RAdam)``, and prints the norm of the conv weights
-(scale-invariant: BatchNorm follows each one) and the view the projection used. A few seconds on a
-CPU: ``python examples/projected_optimizer.py``.
+with the reproduce package (``reproduce/`` of the repository; ``bash scripts/setup.sh`` installs it), with
+RAdam and with ``Projected(RAdam)``, and prints the norm of the conv weights (scale-invariant: BatchNorm
+follows each one) and the view the projection used. A few seconds on a CPU:
+``python examples/projected_optimizer.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_adamp
-from torch_adamp.experiments import compare, fashion_mnist
+from torch_adamp_reproduce import compare, fashion_mnist
 
 
 def train(wrap: bool, steps: int, data: fashion_mnist.Dataset) -> float:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Create (or reuse) a virtual environment for this clone and install torch-adamp into it.
+# Create (or reuse) a virtual environment for this clone and install torch-adamp into it, with the
+# torch-adamp command (the package in reproduce/: toy, compare, reproduce, bench), both editable.
 #
-#   bash scripts/setup.sh                 # .venv with the package and its `cli` extra (torch-adamp compare)
-#   bash scripts/setup.sh test,docs       # other extras, comma-separated (see pyproject.toml)
+#   bash scripts/setup.sh                 # .venv with the library and the torch-adamp command (torch-adamp compare)
+#   bash scripts/setup.sh test,docs       # the library's extras, comma-separated (see pyproject.toml)
+#   TORCH_ADAMP_REPRODUCE=0 bash scripts/setup.sh   # the library alone, without reproduce/ (and its matplotlib, tqdm)
 #
 # Needs only Python >= 3.10 with its venv module (Debian/Ubuntu: apt-get install python3-venv).
 # The venv is ./.venv unless $TORCH_ADAMP_VENV names another folder; an existing one is reused.
@@ -17,7 +19,7 @@ cd "$(dirname "$0")/.."
 
 TORCH_VERSION=2.13.0
 CPU_INDEX=https://download.pytorch.org/whl/cpu
-extras=${1:-cli}
+extras=${1:-}
 venv=${TORCH_ADAMP_VENV:-.venv}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
@@ -71,8 +73,18 @@ else
   "${pip[@]}" install -q "torch==$TORCH_VERSION" --index-url "$CPU_INDEX"
 fi
 
-say "torch-adamp (editable) with the extras [$extras]"
-"${pip[@]}" install -q -e ".[$extras]"
+if [ -n "$extras" ]; then
+  say "torch-adamp (editable) with the extras [$extras]"
+  "${pip[@]}" install -q -e ".[$extras]"
+else
+  say "torch-adamp (editable)"
+  "${pip[@]}" install -q -e .
+fi
+# the torch-adamp command (reproduce/, not on PyPI): its torch-adamp requirement is the editable library above
+if [ "${TORCH_ADAMP_REPRODUCE:-1}" != 0 ]; then
+  say "torch-adamp-reproduce (editable, reproduce/): the torch-adamp command"
+  "${pip[@]}" install -q -e ./reproduce
+fi
 case ",$extras," in
   *,test,*)
     # the timm integration's tests load timm's optimizer registry from the installed files; --no-deps

@@ -3,7 +3,9 @@
 Every import is counted, including those made inside functions. Layers, from the bottom
 (docs/ARCHITECTURE.md draws them): the projection and the native binding; the rules; the
 engine; sharded-parameter support; the functional API and the optimizer base class; the
-optimizer classes; reference interop; the package and its command line.
+optimizer classes; reference interop; the package, its integrations and ``python -m torch_adamp``.
+The ``torch-adamp`` command and the experiments are the package in reproduce/, which the library
+never imports.
 """
 
 from __future__ import annotations
@@ -33,9 +35,8 @@ LAYERS = {
     "functional": 6,
     "interop": 6,
     "__init__": 7,
-    "experiments": 8,
     "integrations": 8,
-    "cli": 9,
+    "__main__": 8,
 }
 
 
@@ -57,13 +58,13 @@ def _imports(path: Path) -> set[str]:
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names if a.name.startswith("torch_adamp"))
+            out.update(a.name for a in node.names if a.name == "torch_adamp" or a.name.startswith("torch_adamp."))
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
                 base = base[: len(base) - node.level + 1]
                 mod = ".".join(base + ([node.module] if node.module else []))
-            elif node.module and node.module.startswith("torch_adamp"):
+            elif node.module and (node.module == "torch_adamp" or node.module.startswith("torch_adamp.")):
                 mod = node.module
             else:
                 continue
@@ -138,3 +139,42 @@ def test_the_checker_sees_imports_inside_functions(tmp_path: Path) -> None:
     assert "torch_adamp._native" in _imports(f) and "torch_adamp.rule" in _imports(f)
     inner = ast.parse("def f():\n    from .adamp import AdamP\n")
     assert any(isinstance(n, ast.ImportFrom) for n in ast.walk(inner))  # ast.walk reaches function bodies
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """First components of every absolute import in ``path``, and of every string constant naming a module
+    (what ``importlib.import_module("...")`` would take)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            parts = node.value.split(".")
+            if all(part.isidentifier() for part in parts):
+                names.add(parts[0])
+    return names
+
+
+REPRODUCE = SRC.parents[1] / "reproduce" / "src" / "torch_adamp_reproduce"
+
+
+def test_the_command_and_the_experiments_live_in_reproduce() -> None:
+    assert (REPRODUCE / "cli.py").is_file() and (REPRODUCE / "data").is_dir()
+    assert not [m for m in MODULES if m.split(".")[1:2] in (["experiments"], ["cli"])]
+    assert not [f for f in SRC.glob("data/*") if f.is_file()]  # (a stale __pycache__ folder may stay behind)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_the_library_never_imports_the_reproduce_package(module: str) -> None:
+    # the torch-adamp command, its experiments and data (reproduce/) sit on top of the library, never under it
+    assert "torch_adamp_reproduce" not in _top_level_imports(MODULES[module])
+
+
+def test_the_reproduce_check_sees_imports(tmp_path: Path) -> None:
+    f = tmp_path / "m.py"
+    f.write_text("import importlib\ndef g():\n    from torch_adamp_reproduce.cli import main\n")
+    assert "torch_adamp_reproduce" in _top_level_imports(f)
+    f.write_text('import importlib\nimportlib.import_module("torch_adamp_reproduce.tasks")\n')
+    assert "torch_adamp_reproduce" in _top_level_imports(f)

@@ -83,6 +83,7 @@ def test_custom_rule_uses_only_the_public_api() -> None:
 
 
 def test_projected_optimizer_keeps_the_norm() -> None:
+    require("torch_adamp_reproduce")  # its model and data: the package in reproduce/ (scripts/setup.sh installs it)
     plain, projected = load("projected_optimizer").main(["--steps", "60"])
     assert projected < plain
 

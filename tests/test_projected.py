@@ -420,27 +420,6 @@ def test_any_inner_projected_step_is_tangent_plus_reduced_decay(name: str) -> No
         assert torch.equal(pa[-1], pb[-1])  # the bias: never projected
 
 
-def test_compare_accepts_wrapped_optimizers() -> None:
-    from torch_adamp import cli
-    from torch_adamp.experiments import compare
-
-    assert compare.OPTIMIZERS == ("sgd", "sgdp", "adamw", "adamp")  # the default set is unchanged
-    assert cli._optimizer_list("adafactor, adafactor+p,radam+P") == ["adafactor", "adafactor+p", "radam+p"]
-    assert cli._optimizer_list("lion,lion+p,adamw8bit+p") == ["lion", "lion+p", "adamw8bit+p"]
-    with pytest.raises(Exception, match="unknown"):
-        cli._optimizer_list("lamb+p")
-    model, cfg = compare.make_model(4), compare.Config()
-    for name, cls in (("adafactor", torch.optim.Adafactor), ("radam", torch.optim.RAdam), ("nadam", torch.optim.NAdam)):
-        plain, wrapped = compare.make_optimizer(name, model, cfg), compare.make_optimizer(f"{name}+p", model, cfg)
-        assert type(plain) is cls and isinstance(wrapped, Projected) and type(wrapped.inner) is cls
-        assert compare.LABELS[f"{name}+p"].endswith("+P")
-    for name, module, cls_name in (("lion", "lion_pytorch", "Lion"), ("adamw8bit", "torchao.optim", "AdamW8bit")):
-        cls = getattr(pytest.importorskip(module), cls_name)
-        plain, wrapped = compare.make_optimizer(name, model, cfg), compare.make_optimizer(f"{name}+p", model, cfg)
-        assert type(plain) is cls and isinstance(wrapped, Projected) and type(wrapped.inner) is cls
-        assert compare.BASELINE_CLASSES[f"{name}+p"] == f"torch_adamp.Projected({module}.{cls_name})"
-
-
 def test_grad_scaler_unscales_and_skips_like_the_inner_optimizer() -> None:
     pa, pb = _params(), _params()
     a = Projected(torch.optim.AdamW(pa, lr=0.05, weight_decay=0.1))

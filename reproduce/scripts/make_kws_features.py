@@ -1,4 +1,4 @@
-"""Write src/torch_adamp/data/espeak_kws_logmel.npz (see torch_adamp.experiments.reproduce.audio_data).
+"""Write reproduce/src/torch_adamp_reproduce/data/espeak_kws_logmel.npz (see torch_adamp_reproduce.tasks.audio_data).
 
 Needs Debian's espeak-ng (apt-get install espeak-ng). Deterministic for a given espeak-ng version.
 """
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from torch_adamp.experiments.reproduce import audio_data
+from torch_adamp_reproduce.tasks import audio_data
 
-OUT = Path(__file__).resolve().parents[1] / "src" / "torch_adamp" / "data" / audio_data.FILE
+OUT = Path(__file__).resolve().parents[1] / "src" / "torch_adamp_reproduce" / "data" / audio_data.FILE
 
 if __name__ == "__main__":
     start = time.perf_counter()

@@ -7,7 +7,7 @@ Where the images come from, first match wins:
    folder works too); an error if they are missing;
 2. the folder named by ``$TORCH_ADAMP_FASHION_MNIST`` (an error if missing);
 3. ``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``);
-4. the subset shipped in ``torch_adamp/data``: the first 2,000 training and
+4. the subset shipped in ``torch_adamp_reproduce/data``: the first 2,000 training and
    500 test images of each class, in file order, reduced to 14x14.
 
 Nothing is ever downloaded. Whatever the source, a run that fits in the subset
@@ -115,11 +115,11 @@ def read_full(folder: str | os.PathLike[str]) -> RawData:
 
 def read_subset() -> RawData:
     """The subset shipped as package data (14x14 uint8)."""
-    ref = resources.files("torch_adamp") / "data" / SUBSET_FILE
+    ref = resources.files("torch_adamp_reproduce") / "data" / SUBSET_FILE
     with ref.open("rb") as f, np.load(f) as z:
         train = Split(z["train_images"], z["train_labels"].astype(np.int64))
         test = Split(z["test_images"], z["test_labels"].astype(np.int64))
-    return RawData(train, test, "subset shipped with torch-adamp")
+    return RawData(train, test, "subset shipped with torch-adamp-reproduce")
 
 
 def locate(data_dir: str | os.PathLike[str] | None = None) -> RawData:
@@ -206,7 +206,7 @@ def load(
 def build_subset(
     folder: str | os.PathLike[str], out: str | os.PathLike[str], train_per_class: int = 2000, test_per_class: int = 500
 ) -> None:
-    """Write the shipped subset from the full set (how ``torch_adamp/data`` was made)."""
+    """Write the shipped subset from the full set (how ``torch_adamp_reproduce/data`` was made)."""
     raw = read_full(folder)
     tr = first_per_class(raw.train.labels, train_per_class * NUM_CLASSES)
     te = first_per_class(raw.test.labels, test_per_class * NUM_CLASSES)
@@ -219,7 +219,7 @@ def build_subset(
     )
 
 
-if __name__ == "__main__":  # python -m torch_adamp.experiments.fashion_mnist FULL_DIR OUT.npz
+if __name__ == "__main__":  # python -m torch_adamp_reproduce.fashion_mnist FULL_DIR OUT.npz
     import sys
 
     build_subset(sys.argv[1], sys.argv[2])

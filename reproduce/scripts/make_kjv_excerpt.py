@@ -1,4 +1,4 @@
-"""Write src/torch_adamp/data/kjv_genesis_exodus.txt.gz, the corpus of ``torch-adamp reproduce language``.
+"""Write torch_adamp_reproduce/data/kjv_genesis_exodus.txt.gz: the corpus of ``torch-adamp reproduce language``.
 
 Needs Debian's ``bible-kjv`` and ``bible-kjv-text`` (``apt-get install bible-kjv``): the
 King James Version, whose text is in the public domain (see KJV_LICENSE.txt). One verse
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 BOOKS = {"Genesis": "gen1:1-50:26", "Exodus": "exo1:1-40:38"}
-OUT = Path(__file__).resolve().parents[1] / "src" / "torch_adamp" / "data" / "kjv_genesis_exodus.txt.gz"
+OUT = Path(__file__).resolve().parents[1] / "src" / "torch_adamp_reproduce" / "data" / "kjv_genesis_exodus.txt.gz"
 
 
 def verses(spec: str) -> list[str]:

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import torch_adamp
-from torch_adamp import cli
-from torch_adamp.experiments import compare, fashion_mnist
-from torch_adamp.experiments.progress import progress_bar
+from torch_adamp_reproduce import cli, compare, fashion_mnist
+from torch_adamp_reproduce.progress import progress_bar
 
 TINY_COMPARE = [
     "compare",
@@ -61,7 +60,7 @@ def test_no_subcommand_prints_help(capsys) -> None:
 
 
 def test_entry_point_runs_as_a_program() -> None:
-    code = "import sys; from torch_adamp.cli import main; sys.exit(main())"
+    code = "import sys; from torch_adamp_reproduce.cli import main; sys.exit(main())"
     p = subprocess.run([sys.executable, "-c", code, "compare", "--epochs", "0"], capture_output=True, text=True)
     assert p.returncode == 2
     _one_error_line(p.stderr)
@@ -115,7 +114,8 @@ def test_data_errors_give_one_line_and_exit_2(extra, message, tmp_path, capsys) 
 def test_missing_cli_dependency_is_one_line(monkeypatch, tmp_path, capsys) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # importlib.util.find_spec -> None: "not installed"
     assert cli.main(["toy", "--quiet", "--out", str(tmp_path)]) == 2
-    assert "torch-adamp[cli]" in _one_error_line(capsys.readouterr().err)
+    line = _one_error_line(capsys.readouterr().err)
+    assert "torch-adamp-reproduce" in line and "pip install matplotlib" in line
 
 
 # -- subcommands at a tiny size ------------------------------------------------------------
@@ -214,7 +214,7 @@ def test_completed_compare_results_are_marked_complete(tmp_path, capsys) -> None
 
 
 def test_plot_titles_count_epochs_and_seeds() -> None:
-    from torch_adamp.experiments import plots
+    from torch_adamp_reproduce import plots
 
     cfg = {"image_size": 8, "train_size": 200, "epochs": 1}
     assert plots._what({"config": cfg, "runs": [{"seed": 0}]}) == "8x8, 200 images, 1 epoch, 1 seed"
@@ -266,7 +266,7 @@ def test_progress_is_a_tqdm_bar_on_a_terminal() -> None:
 def test_compare_progress_in_a_log_file(tmp_path) -> None:
     # stderr redirected to a file, as `torch-adamp compare 2> log` does: lines, no carriage-return frames
     log = tmp_path / "log"
-    code = "import sys; from torch_adamp.cli import main; sys.exit(main())"
+    code = "import sys; from torch_adamp_reproduce.cli import main; sys.exit(main())"
     with log.open("w") as err:
         p = subprocess.run([sys.executable, "-c", code, *TINY_COMPARE, "--out", str(tmp_path / "o")],
                            stdout=subprocess.DEVNULL, stderr=err, timeout=300)  # fmt: skip

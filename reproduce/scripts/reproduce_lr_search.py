@@ -5,7 +5,7 @@ tried with the baseline AdamW and with AdamP on one seed (100) that the reported
 never use; the learning rate with the better *mean of the two optimizers'* headline metric becomes
 the family's default for both, so that neither is tuned alone. Weight decay stays 0.1 (decoupled).
 
-    PYTHONPATH=src python scripts/reproduce_lr_search.py OUT.json [--lrs 1e-3,3e-3,1e-2] [TASK ...]
+    python reproduce/scripts/reproduce_lr_search.py OUT.json [--lrs 1e-3,3e-3,1e-2] [TASK ...]
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import json
 
 import torch
 
-from torch_adamp.experiments import reproduce
-from torch_adamp.experiments.reproduce import common
+from torch_adamp_reproduce import tasks as reproduce
+from torch_adamp_reproduce.tasks import common
 
 LRS = (1e-3, 3e-3, 1e-2)
 SEED = 100

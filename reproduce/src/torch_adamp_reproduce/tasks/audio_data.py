@@ -1,7 +1,7 @@
 """The keyword-spotting set of ``reproduce audio``: words synthesised by espeak-ng, noise, log-mel features.
 
 Run once (``python scripts/make_kws_features.py``, needs Debian's ``espeak-ng``)
-to write ``torch_adamp/data/espeak_kws_logmel.npz``, which ships with the
+to write ``torch_adamp_reproduce/data/espeak_kws_logmel.npz``, which ships with the
 package, so that the task itself needs neither espeak-ng nor any download.
 
 Each clip: one of :data:`WORDS` spoken by espeak-ng (``-w``, 22,050 Hz) with

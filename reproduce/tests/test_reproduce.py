@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import torch_adamp
-from torch_adamp import cli
-from torch_adamp.experiments import compare, fashion_mnist, reproduce
-from torch_adamp.experiments.reproduce import (
+from torch_adamp_reproduce import cli, compare, fashion_mnist, tasks
+from torch_adamp_reproduce.tasks import (
     adversarial,
     audio,
     audio_data,
@@ -208,7 +207,7 @@ def log_mel_shape():
 def test_regenerating_clips_reproduces_the_shipped_features():
     from importlib import resources
 
-    with (resources.files("torch_adamp") / "data" / audio_data.FILE).open("rb") as f, np.load(f) as z:
+    with (resources.files("torch_adamp_reproduce") / "data" / audio_data.FILE).open("rb") as f, np.load(f) as z:
         shipped, shipped_test = z["train_features"], z["test_features"]
         version = str(z["espeak_ng_version"])
     if version != audio_data.espeak_version():
@@ -291,7 +290,7 @@ def test_classification_wraps_compare(tmp_path):
     assert set(res["summary"]["gains"]) == {"sgdp", "adamp"}
     assert (tmp_path / "compare.png").is_file()
     res["paper"], res["wall_seconds"] = classification.PAPER, 1.0
-    table = reproduce.markdown_table({"classification": res})
+    table = tasks.markdown_table({"classification": res})
     assert table.count("\n| classification |") == 2 and "SGD " in table and "AdamW " in table
 
 
@@ -300,20 +299,20 @@ def test_cli_lists_tasks_and_rejects_unknown_ones(capsys):
     with pytest.raises(SystemExit):
         cli.main(["reproduce", "--help"])
     out = capsys.readouterr().out
-    assert all(name in out for name in reproduce.TASKS)
+    assert all(name in out for name in tasks.TASKS)
     assert cli.main(["reproduce", "nosuch"]) == 2
     assert "unknown task(s) nosuch" in capsys.readouterr().err
 
 
 def test_cli_runs_tasks_and_writes_the_summary(monkeypatch, tmp_path, capsys):
-    tiny = {n: dataclasses.replace(t, build=lambda epochs, n=n: TINY[n](), seeds=2) for n, t in reproduce.TASKS.items()}
-    monkeypatch.setattr(reproduce, "TASKS", {n: tiny[n] for n in ("bias", "language")})
+    tiny = {n: dataclasses.replace(t, build=lambda epochs, n=n: TINY[n](), seeds=2) for n, t in tasks.TASKS.items()}
+    monkeypatch.setattr(tasks, "TASKS", {n: tiny[n] for n in ("bias", "language")})
     assert cli.main(["reproduce", "bias", "language", "--out", str(tmp_path), "-q"]) == 0
     out = capsys.readouterr().out
     assert "paper: " in out and "| bias | unbiased acc (%) |" in out
     for n in ("bias", "language"):
         res = json.loads((tmp_path / n / "results.json").read_text())
-        assert res["paper"] == reproduce.TASKS[n].paper and len(res["runs"]) == 4
+        assert res["paper"] == tasks.TASKS[n].paper and len(res["runs"]) == 4
         assert (tmp_path / n / "curves.png").is_file()
     assert (tmp_path / "summary.md").read_text().count("\n") == 2 + 2 + 1
     assert set(json.loads((tmp_path / "summary.json").read_text())) == {"bias", "language"}
@@ -321,7 +320,7 @@ def test_cli_runs_tasks_and_writes_the_summary(monkeypatch, tmp_path, capsys):
 
 def test_default_budgets_are_the_documented_ones():
     """docs/reproduction.md states these; a change must update the doc."""
-    assert [(n, t.seeds) for n, t in reproduce.TASKS.items()] == [
+    assert [(n, t.seeds) for n, t in tasks.TASKS.items()] == [
         ("classification", 3), ("retrieval", 5), ("adversarial", 3), ("bias", 5),
         ("language", 3), ("language-plain", 3), ("audio", 3),
     ]  # fmt: skip

@@ -1,4 +1,4 @@
-"""The toy problems reproduce the paper's numbers (experiments/toy.py)."""
+"""The toy problems reproduce the paper's numbers (torch_adamp_reproduce/toy.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from torch_adamp.experiments import toy
+from torch_adamp_reproduce import toy
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,10 @@
-"""The ``torch-adamp`` command: ``toy``, ``compare`` and ``bench``.
+"""The ``torch-adamp`` command: ``toy``, ``compare``, ``reproduce`` and ``bench``.
 
-Needs the ``cli`` extra (``pip install 'torch-adamp[cli]'``: matplotlib, tqdm),
-imported only when a subcommand runs. Errors are one line on stderr and a
-non-zero exit status (2 for bad options or missing data).
+Provided by this package (``reproduce/`` of the repository), not by the library:
+``bash scripts/setup.sh`` installs it, or ``pip install -e reproduce`` from a
+clone. matplotlib and tqdm (its dependencies) are imported only when a
+subcommand runs. Errors are one line on stderr and a non-zero exit status (2 for
+bad options or missing data).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import Any, NoReturn
 
 import torch
 
-from . import __version__
-from .experiments import compare, fashion_mnist, toy
-from .experiments.progress import MissingDependency, progress_bar, require
+from torch_adamp import __version__
+
+from . import compare, fashion_mnist, toy
+from .progress import MissingDependency, progress_bar, require
 
 BENCH_HELP = "step-time benchmark of AdamP/SGDP against torch.optim (runs benchmarks/step_time.py of a clone)"
 
@@ -199,15 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_reproduce(sub)
 
-    # main() hands everything after "bench" to torch_adamp.benchmark.main, --help included
+    # main() hands everything after "bench" to the main() of benchmarks/step_time.py, --help included
     sub.add_parser("bench", help=BENCH_HELP, description=BENCH_HELP, add_help=False)
     return parser
 
 
 def _add_reproduce(sub: Any) -> None:
-    from .experiments import reproduce
+    from . import tasks
 
-    tasks = "\n".join(f"  {t.name:<15} {t.help} (default {t.seeds} seeds)" for t in reproduce.TASKS.values())
+    listing = "\n".join(f"  {t.name:<15} {t.help} (default {t.seeds} seeds)" for t in tasks.TASKS.values())
     p = sub.add_parser(
         "reproduce",
         help="one small offline task per family of the paper's benchmarks, baseline vs projected twin",
@@ -215,7 +218,7 @@ def _add_reproduce(sub: Any) -> None:
         "same hyperparameters) over several seeds; prints mean +- std of its metrics, the paired gain with its "
         "standard error, the norm of the scale-invariant weights and the mean effective step lr/|w|^2, beside "
         "the paper's figure; writes OUT/TASK/results.json and PNGs, OUT/summary.md and OUT/summary.json. "
-        "Offline: the data ships with the package. Tasks:\n" + tasks,
+        "Offline: the data ships with the package. Tasks:\n" + listing,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("tasks", nargs="*", metavar="TASK", help="tasks to run (default: all, in the order above)")
@@ -247,7 +250,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def run_toy(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
-    from .experiments import plots
+    from . import plots
 
     out = _prepare(args)
     total = args.steps * len(args.momenta) * 2 + args.steps + args.steps_3d * len(toy.METHODS_3D)
@@ -265,7 +268,7 @@ def run_toy(args: argparse.Namespace, log: Callable[[str], None] = print) -> int
 
 
 def run_compare(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
-    from .experiments import plots
+    from . import plots
 
     out = _prepare(args)
     cfg = compare.Config(
@@ -318,8 +321,9 @@ def run_compare(args: argparse.Namespace, log: Callable[[str], None] = print) ->
 
 
 def benchmark_script() -> Path:
-    """``benchmarks/step_time.py`` of the source tree this package runs from (it is not in the wheel)."""
-    return Path(__file__).resolve().parents[2] / "benchmarks" / "step_time.py"
+    """``benchmarks/step_time.py`` of the clone this package runs from (in no wheel; the clone's root is
+    three folders above this file: reproduce/src/torch_adamp_reproduce/cli.py)."""
+    return Path(__file__).resolve().parents[3] / "benchmarks" / "step_time.py"
 
 
 def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
@@ -337,18 +341,18 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> i
 
 
 def run_reproduce(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
-    from .experiments import reproduce
+    from . import tasks
 
-    names = list(dict.fromkeys(args.tasks)) or list(reproduce.TASKS)
-    unknown = [n for n in names if n not in reproduce.TASKS]
+    names = list(dict.fromkeys(args.tasks)) or list(tasks.TASKS)
+    unknown = [n for n in names if n not in tasks.TASKS]
     if unknown:
-        raise UsageError(f"unknown task(s) {', '.join(unknown)}; choose among {', '.join(reproduce.TASKS)}")
+        raise UsageError(f"unknown task(s) {', '.join(unknown)}; choose among {', '.join(tasks.TASKS)}")
     out = _prepare(args)
     start = time.perf_counter()
     results = {}
     for name in names:
         try:
-            results[name] = reproduce.run_task(
+            results[name] = tasks.run_task(
                 name,
                 epochs=args.epochs,
                 seeds=args.seeds,
@@ -360,7 +364,7 @@ def run_reproduce(args: argparse.Namespace, log: Callable[[str], None] = print) 
         except fashion_mnist.DataError as e:
             raise UsageError(str(e)) from None
         log("")
-    table = reproduce.markdown_table(results)
+    table = tasks.markdown_table(results)
     (out / "summary.md").write_text(table + "\n")
     summary = {
         n: {k: r[k] for k in ("title", "data", "hyperparameters", "summary", "paper", "wall_seconds")}
@@ -401,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _entry() -> Any:  # pragma: no cover - for ``python -m torch_adamp.cli``
+def _entry() -> Any:  # pragma: no cover - for ``python -m torch_adamp_reproduce.cli``
     sys.exit(main())
 
 

@@ -1,4 +1,4 @@
-"""Progress bars (tqdm on a terminal, plain lines otherwise) and the check for the optional CLI dependencies."""
+"""Progress bars (tqdm on a terminal, plain lines otherwise) and the check for the command's dependencies."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 
 class MissingDependency(Exception):
-    """An optional dependency of the command line is not installed (one-line message)."""
+    """A dependency of the command line (matplotlib, tqdm) is not installed (one-line message)."""
 
 
 def require(*modules: str) -> None:
@@ -17,7 +17,10 @@ def require(*modules: str) -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         verb = "is" if len(missing) == 1 else "are"
-        raise MissingDependency(f"{' and '.join(missing)} {verb} needed here: pip install 'torch-adamp[cli]'")
+        raise MissingDependency(
+            f"{' and '.join(missing)} {verb} needed here (torch-adamp-reproduce depends on it): "
+            f"pip install {' '.join(missing)}"
+        )
 
 
 class _Silent:

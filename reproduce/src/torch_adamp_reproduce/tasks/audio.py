@@ -1,6 +1,6 @@
 """Audio: keyword spotting (ten words) with a BatchNorm CNN on log-mel features of synthesised speech.
 
-The features ship with the package (``torch_adamp/data/espeak_kws_logmel.npz``,
+The features ship with the package (``torch_adamp_reproduce/data/espeak_kws_logmel.npz``,
 made once by ``scripts/make_kws_features.py`` with Debian's espeak-ng; see
 :mod:`.audio_data`): 1,500 training clips and 500 test clips of
 yes/no/up/down/left/right/on/off/stop/go in seven English dialects, with
@@ -46,7 +46,7 @@ class Config:
 def load() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Training and test features as float32 ``(n, 1, 32, 49)``, standardised with the training set's
     mean and std; labels int64 (clips ordered by word)."""
-    ref = resources.files("torch_adamp") / "data" / audio_data.FILE
+    ref = resources.files("torch_adamp_reproduce") / "data" / audio_data.FILE
     with ref.open("rb") as f, np.load(f) as z:
         tr, ytr = z["train_features"], z["train_labels"]
         te, yte = z["test_features"], z["test_labels"]

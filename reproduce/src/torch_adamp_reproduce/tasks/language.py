@@ -1,7 +1,7 @@
 """Language modelling with and without weight normalisation: a character-level Transformer on the KJV.
 
 Corpus: Genesis (training) and Exodus (validation) of the King James Version
-(public domain), shipped as ``torch_adamp/data/kjv_genesis_exodus.txt.gz``
+(public domain), shipped as ``torch_adamp_reproduce/data/kjv_genesis_exodus.txt.gz``
 (made by ``scripts/make_kjv_excerpt.py`` from Debian's ``bible-kjv-text``).
 The model is a small pre-LayerNorm causal Transformer; with ``weight_norm``
 every linear layer (attention input and output projections, both feed-forward
@@ -62,7 +62,7 @@ class Config:
 
 def load_corpus() -> tuple[str, str]:
     """(Genesis, Exodus) as text, one verse per line."""
-    ref = resources.files("torch_adamp") / "data" / CORPUS_FILE
+    ref = resources.files("torch_adamp_reproduce") / "data" / CORPUS_FILE
     with ref.open("rb") as f:
         text = gzip.decompress(f.read()).decode("ascii")
     _, genesis, exodus = text.split("# ", 2)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from torch_adamp.experiments import compare, fashion_mnist
+from torch_adamp import Projected
+from torch_adamp_reproduce import cli, compare, fashion_mnist
 
 TINY = dict(epochs=1, seeds=2, image_size=8, train_size=300, test_size=100, batch_size=16, width=8, evals_per_epoch=1)
 
@@ -155,3 +156,22 @@ def test_model_conv_weights_are_scale_invariant() -> None:
         for n in names:
             params[n].mul_(3.0)
     assert torch.allclose(model(x), out, atol=1e-4)
+
+
+# --optimizers NAME+p: torch_adamp.Projected around any of the baselines
+def test_compare_accepts_wrapped_optimizers() -> None:
+    assert compare.OPTIMIZERS == ("sgd", "sgdp", "adamw", "adamp")  # the default set is unchanged
+    assert cli._optimizer_list("adafactor, adafactor+p,radam+P") == ["adafactor", "adafactor+p", "radam+p"]
+    assert cli._optimizer_list("lion,lion+p,adamw8bit+p") == ["lion", "lion+p", "adamw8bit+p"]
+    with pytest.raises(Exception, match="unknown"):
+        cli._optimizer_list("lamb+p")
+    model, cfg = compare.make_model(4), compare.Config()
+    for name, cls in (("adafactor", torch.optim.Adafactor), ("radam", torch.optim.RAdam), ("nadam", torch.optim.NAdam)):
+        plain, wrapped = compare.make_optimizer(name, model, cfg), compare.make_optimizer(f"{name}+p", model, cfg)
+        assert type(plain) is cls and isinstance(wrapped, Projected) and type(wrapped.inner) is cls
+        assert compare.LABELS[f"{name}+p"].endswith("+P")
+    for name, module, cls_name in (("lion", "lion_pytorch", "Lion"), ("adamw8bit", "torchao.optim", "AdamW8bit")):
+        cls = getattr(pytest.importorskip(module), cls_name)
+        plain, wrapped = compare.make_optimizer(name, model, cfg), compare.make_optimizer(f"{name}+p", model, cfg)
+        assert type(plain) is cls and isinstance(wrapped, Projected) and type(wrapped.inner) is cls
+        assert compare.BASELINE_CLASSES[f"{name}+p"] == f"torch_adamp.Projected({module}.{cls_name})"
