@@ -194,3 +194,13 @@ def test_docs_quickstart_runs(capsys: pytest.CaptureFixture[str]) -> None:
     exec(compile(code.group(1), "docs/index.md", "exec"), {})
     out = capsys.readouterr().out
     assert "step 100:" in out and "conv: view 1" in out
+
+
+def test_readme_quickstart_runs_and_prints_the_loss(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's Quickstart runs as written and prints a finite loss per step."""
+    text = (EXAMPLES.parent / "README.md").read_text()
+    code = re.search(r"## Quickstart\n\n```python\n(.*?)```", text, re.S)
+    assert code is not None
+    exec(compile(code.group(1), "README.md", "exec"), {})
+    losses = [float(v) for v in re.findall(r"step \d: loss ([-0-9.einf]+)", capsys.readouterr().out)]
+    assert len(losses) == 3 and finite(losses)
