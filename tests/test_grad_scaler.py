@@ -641,3 +641,28 @@ def test_projected_refuses_attributes_its_inner_cannot_take() -> None:
     with pytest.raises(ValueError, match="GradScaler"):
         opt.step()
     assert_bitwise([p.detach() for p in ps], before)
+
+
+@pytest.mark.parametrize(("cls", "kw", "path"), cases())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_are_unscaled_after_a_taken_step(
+    cls: type, kw: dict[str, Any], path: str, dtype: torch.dtype, compile_counter: Any
+) -> None:
+    """torch's contract for optimizers that unscale themselves (its fused AdamW): after ``scaler.step`` that
+    took the step, ``p.grad`` is the unscaled gradient (what gradient-norm logging, hooks and accumulation
+    read); after a skipped step it is left scaled, as torch's fused kernels leave it. Every path, no host read
+    (the compile path runs under fullgraph=True)."""
+    ps = params(dtype)
+    opt = cls(ps, **kw, **path_kwargs(path))
+    scaler = scaler_of(2.0**12)
+    with backend(path, opt):
+        for step in range(4):
+            gs = poisoned(step, grads(step, ps))
+            scale = scaler.scale(torch.ones(()))
+            for p, g in zip(ps, gs, strict=True):
+                p.grad = g * scale.to(g.dtype)
+            scaled = [p.grad.clone() for p in ps]  # type: ignore[union-attr]
+            scaler.step(opt)
+            scaler.update()
+            want = scaled if step in (INF_STEP, NAN_STEP) else gs  # power-of-two scale: exact either way
+            assert_bitwise([p.grad for p in ps], want)  # type: ignore[misc]

@@ -22,8 +22,8 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
 from . import checks, distributed, engine, zero
-from .engine import Bundle, MultiTensorStep
-from .rule import NOT_GROUP_KEYS, Options, Rule
+from .engine import Bundle, MultiTensorStep, precision
+from .rule import NOT_GROUP_KEYS, Options, Rule, Scaling
 from .stats import TrackStats
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
@@ -203,6 +203,8 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         waiting = [s for group, params, views in jobs for s in self._step_group(group, params, views, scaling)]
         if waiting:
             distributed.finish(waiting)
+        if scaling[0] is not None:
+            self._unscale_grads([p for _, params, _ in jobs for p in params], scaling)
         all_views: dict[Tensor, Tensor] = {}
         for _, params, views in jobs:
             if views is not None:
@@ -211,6 +213,20 @@ class ProjectedOptimizer(TrackStats, Optimizer):
                         all_views[p] = v
         self._stats_after(before, all_views)
         return loss
+
+    @staticmethod
+    def _unscale_grads(params: list[Tensor], scaling: tuple[Tensor | None, Tensor | None]) -> None:
+        """GradScaler's contract for an optimizer that unscales itself (torch's fused ones): after a step that
+        was taken, ``p.grad`` holds the unscaled gradient, ``p.grad * inv_scale`` (the values the step used);
+        after a skipped one it is left as it was. On the device: no host read."""
+        grads = [p.grad for p in params if p.grad is not None]
+        local = [g.to_local() if distributed.is_dtensor(g) else g for g in grads]  # type: ignore[attr-defined]
+        for idx in precision.group_by_device_and_dtype(range(len(local)), local).values():
+            bucket = [local[i] for i in idx]
+            s = Scaling.from_tensors(*scaling, bucket[0].device)
+            assert s.inv_scale is not None
+            factor = s.inv_scale if s.skip is None else torch.where(s.skip, 1.0, s.inv_scale)
+            torch._foreach_mul_(bucket, factor)
 
     # -- helpers for step() ----------------------------------------------------------
     def _check_grads(self) -> None:
