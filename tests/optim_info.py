@@ -293,7 +293,7 @@ def adamp_error_inputs() -> list[ErrorInput]:
             "integer parameter", ValueError, "dtype", params=lambda ps: [ps[0], torch.zeros(3, dtype=torch.int32)]
         ),
         ErrorInput("bad lr in add_param_group", ValueError, "lr", kwargs={"lr": -1.0}, on="add_param_group"),
-        ErrorInput("2-element tensor lr set before step", RuntimeError, ".", on="step", prepare=_two_element_lr),
+        ErrorInput("2-element tensor lr set before step", ValueError, "lr", on="step", prepare=_two_element_lr),
     ]
 
 
@@ -314,7 +314,7 @@ def sgdp_error_inputs() -> list[ErrorInput]:
         ErrorInput(
             "bad momentum in add_param_group", ValueError, "momentum", kwargs={"momentum": -1.0}, on="add_param_group"
         ),
-        ErrorInput("2-element tensor lr set before step", RuntimeError, ".", on="step", prepare=_two_element_lr),
+        ErrorInput("2-element tensor lr set before step", ValueError, "lr", on="step", prepare=_two_element_lr),
     ]
 
 
@@ -478,7 +478,7 @@ def rule_info(cls: type[ProjectedOptimizer], name: str | None = None) -> Optimiz
             ErrorInput("foreach and fused", ValueError, "foreach and fused", kwargs={"foreach": True, "fused": True}),
             ErrorInput("bad scale_invariant", ValueError, "scale_invariant", kwargs={"scale_invariant": "rows"}),
             ErrorInput("string caution", ValueError, "caution", kwargs={"caution": "no"}),
-            ErrorInput("2-element tensor lr set before step", RuntimeError, ".", on="step", prepare=_two_element_lr),
+            ErrorInput("2-element tensor lr set before step", ValueError, "lr", on="step", prepare=_two_element_lr),
         ]
         for key in own:
             bad: Any = "no" if isinstance(defaults[key], bool) else -0.5

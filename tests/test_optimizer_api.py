@@ -532,3 +532,74 @@ def test_non_float_parameters_are_refused(kind: str, dtype: torch.dtype) -> None
     with pytest.raises(ValueError, match="dtype"):
         opt.add_param_group({"params": [bad]})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "key", "value", "match"),
+    [
+        ("adamp", "betas", (1.0, 0.999), "beta parameter at index 0"),
+        ("adamp", "eps", -1e-8, "eps"),
+        ("adamp", "nesterov", "no", "nesterov"),
+        ("sgdp", "momentum", 1.0, "momentum"),
+        ("sgdp", "wd_ratio", 2.0, "wd_ratio"),
+        ("sgdp", "lr", torch.tensor([0.1, 0.1]), "lr"),
+    ],
+)
+def test_a_group_value_changed_mid_run_is_refused_at_step(kind: str, key: str, value: Any, match: str) -> None:
+    """Hardening round 3, item 3: values refused at construction used to be accepted once the run had started
+    (``group["betas"] = (1.0, 0.999)`` made every parameter NaN). Refused at the next step, naming the
+    argument, before anything changes."""
+    params = helpers.small_params()
+    opt = helpers.SMALL_MAKERS[kind](params)
+    helpers.random_grads(params, 0)
+    opt.step()
+    opt.param_groups[0][key] = value
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
+
+
+def test_group_values_are_checked_only_when_they_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step-time check compares the values (a tuple of Python objects), and checks only what changed:
+    not a per-step cost of the checks themselves; a tensor lr is never read."""
+    params = helpers.small_params()
+    opt = AdamP(params, lr=torch.tensor(1e-3))
+    calls = []
+    check = opt._check_group
+    monkeypatch.setattr(opt, "_check_group", lambda group: calls.append(1) or check(group))
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or 0.0)
+    for step in range(5):
+        helpers.random_grads(params, step)
+        opt.step()
+    assert len(calls) == 1  # the first step; the lr tensor's value changing in place is data, not a change
+    opt.param_groups[0]["lr"].fill_(3e-4)
+    opt.param_groups[0]["weight_decay"] = 0.1  # a scheduler or a user
+    opt.step()
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("fn", "kwargs", "match"),
+    [
+        ("adamp", {"beta1": 1.0}, "beta1"),
+        ("adamp", {"eps": -1.0}, "eps"),
+        ("sgdp", {"momentum": 1.0, "weight_decay": 0.1}, "momentum"),
+        ("sgdp", {"wd_ratio": -0.1}, "wd_ratio"),
+    ],
+)
+def test_the_functional_api_refuses_what_the_classes_refuse(fn: str, kwargs: dict[str, Any], match: str) -> None:
+    """Hardening round 3, item 3: ``torch_adamp.adamp(beta1=1.0)`` used to make every parameter NaN."""
+    import torch_adamp
+
+    p, g = [torch.randn(4, 3)], [torch.randn(4, 3)]
+    common = dict(lr=1e-3, eps=1e-8, weight_decay=0.0, delta=0.1, wd_ratio=0.1, nesterov=False)
+    before = p[0].clone()
+    with pytest.raises(ValueError, match=match):
+        if fn == "adamp":
+            torch_adamp.adamp(p, g, [torch.zeros(4, 3)], [torch.zeros(4, 3)], [torch.tensor(0.0)],
+                              **{**common, "beta1": 0.9, "beta2": 0.999, **kwargs})  # fmt: skip
+        else:
+            torch_adamp.sgdp(p, g, [torch.zeros(4, 3)], **{**common, "momentum": 0.9, "dampening": 0.0, **kwargs})
+    assert torch.equal(before, p[0])

@@ -298,3 +298,62 @@ def test_integer_step_counters_are_normalised(path: str) -> None:
     for p, q in zip(opt.param_groups[0]["params"], ref.param_groups[0]["params"], strict=True):
         assert torch.equal(p, q)
     assert all(isinstance(opt.state[p]["step"], Tensor) and opt.state[p]["step"].dtype == torch.float32 for p in params)
+
+
+def _stepped(cls: type, **kw: Any) -> torch.optim.Optimizer:
+    params = helpers.small_params()
+    opt = cls(params, **kw)
+    helpers.random_grads(params, 0)
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "error", "match"),
+    [
+        ("sgdp", "adamp", ValueError, "'momentum', an option of the rule 'sgdp', not of AdamP"),
+        ("adamp", "sgdp", ValueError, "'betas', an option of the rule 'adamp', not of SGDP"),
+        ("torch_sgd", "sgdp", KeyError, "has no 'momentum'.*momentum_buffer"),
+        ("adamp_without_exp_avg", "adamp", KeyError, "parameter #0 \\(shape \\(6, 4, 3, 3\\)\\).* has no 'exp_avg'"),
+        ("adamp_without_step", "adamp", KeyError, "has no 'step'"),
+        ("sgdp_before_any_step", "adamp", ValueError, "an option of the rule 'sgdp'"),
+    ],
+)
+def test_a_checkpoint_that_does_not_belong_is_refused_with_nothing_changed(
+    source: str, target: str, error: type[Exception], match: str
+) -> None:
+    """Hardening round 3, item 2: a checkpoint of another optimizer, or one missing a state tensor, used to
+    load silently and restart the state (the step counter back to 1, the moments to zero; with SGDP's into
+    AdamP the lr became SGDP's). Refused at load_state_dict, naming the parameter and the key (KeyError, as
+    torch's optimizers raise at their next step) or the foreign option, with nothing changed."""
+    makers: dict[str, Any] = {
+        "adamp": lambda: _stepped(torch_adamp.AdamP, lr=1e-3),
+        "sgdp": lambda: _stepped(torch_adamp.SGDP, lr=0.1, momentum=0.9),
+        "torch_sgd": lambda: _stepped(torch.optim.SGD, lr=0.1, momentum=0.9),
+        "sgdp_before_any_step": lambda: torch_adamp.SGDP(helpers.small_params(), lr=0.5),
+    }
+    if source.startswith("adamp_without"):
+        sd = copy.deepcopy(makers["adamp"]().state_dict())
+        del sd["state"][0][source.removeprefix("adamp_without_")]
+    else:
+        sd = copy.deepcopy(makers[source]().state_dict())
+    opt = makers[target]()
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(error, match=match):
+        opt.load_state_dict(sd)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for k, st in before["state"].items():
+        assert all(torch.equal(after["state"][k][n], t) for n, t in st.items())
+
+
+def test_reference_checkpoints_still_load() -> None:
+    """adamp 0.3.0's state dicts (int steps, its group keys) keep loading, and torch.optim.Adam's too."""
+    reference = pytest.importorskip("adamp")
+    for ref_cls, ours, kw in (
+        (reference.AdamP, torch_adamp.AdamP, {}),
+        (reference.SGDP, torch_adamp.SGDP, {"lr": 0.1}),
+    ):
+        ref = _stepped(ref_cls, **({"lr": 0.1, "momentum": 0.9} if ref_cls is reference.SGDP else {}))
+        ours(helpers.small_params(), **kw).load_state_dict(ref.state_dict())
+    torch_adamp.AdamP(helpers.small_params()).load_state_dict(_stepped(torch.optim.Adam).state_dict())

@@ -83,6 +83,8 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         self._workspace = engine.Workspace()
         #: the parameters each group was built with: recognises DeepSpeed ZeRO's flat partitions
         self._zero = zero.Groups()
+        #: per group, the values last checked (see _check_changed)
+        self._checked: dict[int, tuple[Any, ...]] = {}
         super().__init__(params, defaults)
 
     # -- argument checks -------------------------------------------------------------
@@ -198,6 +200,7 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
+                self._check_changed(group)
                 jobs.append((group, params, [None] * len(params) if group["track_stats"] else None))
         # sharded groups in two phases: every group's row sums, one collective for all, then their updates
         waiting = [s for group, params, views in jobs for s in self._step_group(group, params, views, scaling)]
@@ -213,6 +216,29 @@ class ProjectedOptimizer(TrackStats, Optimizer):
                         all_views[p] = v
         self._stats_after(before, all_views)
         return loss
+
+    def _check_changed(self, group: dict[str, Any]) -> None:
+        """The group's values checked again at ``step()`` where they changed since they were last checked (a
+        scheduler, a user writing ``group["betas"]``): what construction refuses is refused then too, before
+        anything is modified. Cheap: the values are compared as Python objects, tensors by identity and shape
+        (a tensor ``lr``'s value is on the device: never read); nothing is checked under ``torch.compile``."""
+        if torch.compiler.is_compiling():
+            return
+        signature = tuple(
+            (k, (id(v), tuple(v.shape)) if isinstance(v, Tensor) else v)
+            for k, v in group.items()
+            if k not in ("params", "param_names")
+        )
+        if self._checked.get(id(group)) == signature:
+            return
+        values = dict(group)
+        lr = values.get("lr")
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise ValueError(f"Invalid lr value: a tensor lr must have one element, got shape {tuple(lr.shape)}")
+            values["lr"] = 0.0
+        self._check_group(values)
+        self._checked[id(group)] = signature
 
     @staticmethod
     def _unscale_grads(params: list[Tensor], scaling: tuple[Tensor | None, Tensor | None]) -> None:
@@ -259,6 +285,7 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         self.__dict__.setdefault("_last_stats", [])  # not pickled (torch's __getstate__)
         self.__dict__.setdefault("_stats_copies", {})
         self.__dict__.setdefault("_workspace", engine.Workspace())
+        self.__dict__.setdefault("_checked", {})
         if "_zero" not in self.__dict__:
             self._zero = zero.Groups()
             for group in self.param_groups:
@@ -302,6 +329,7 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         finally:
             self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = hooks
         self._zero.moved(groups, self.param_groups)
+        self._checked.clear()
         id_map: dict[int, Tensor] = {}
         for g_saved, g in zip(state_dict["param_groups"], self.param_groups, strict=True):
             id_map.update(zip(g_saved["params"], g["params"], strict=True))
@@ -328,15 +356,43 @@ class ProjectedOptimizer(TrackStats, Optimizer):
             post_hook(self)
 
     def _check_loadable(self, state_dict: dict[str, Any]) -> None:
-        """Group values as at construction, and numeric step counters: raise ``ValueError`` naming the value."""
+        """What a state dict must hold to continue this optimizer's run, checked before anything is replaced:
+        group values as at construction (``ValueError`` naming the value), no option of another rule
+        (``ValueError``: a checkpoint of another optimizer), and every state tensor of this rule, and its step
+        counter, for each parameter that has state (``KeyError`` naming the parameter and the key, as torch's
+        optimizers raise at their next step; ``adamp`` 0.3.0's state dicts have them all)."""
+        name = type(self).__name__
         ours = self._option_names()
+        own = self.rule.own_group_keys()
+        foreign = {key: rule for rule in Rule._registry.values() for key in rule.own_group_keys() if key not in own}
+        described: dict[Any, str] = {}
         for i, group in enumerate(state_dict["param_groups"]):
             merged = {**{k: v for k, v in self.defaults.items() if k in ours}, **group}
             try:
                 self._check_group(merged)
             except ValueError as e:
                 raise ValueError(f"state dict param group {i}: {e}") from None
+            for key in group:
+                if key in foreign and key not in ours:
+                    raise ValueError(
+                        f"state dict param group {i} has {key!r}, an option of the rule {foreign[key].name!r}, not of "
+                        f"{name}: this is another optimizer's checkpoint (nothing was loaded)"
+                    )
+            mine = self.param_groups[i] if i < len(self.param_groups) else {"params": []}
+            for k, pid in enumerate(group.get("params", [])):
+                if k < len(mine["params"]):
+                    described[pid] = checks.describe(mine, k, mine["params"][k])
+        required = [*self.rule.state_names, *(["step"] if self.rule.counts_steps else [])]
         for key, st in state_dict["state"].items():
+            if not st:
+                continue
+            missing = [n for n in required if n not in st]
+            if missing:
+                raise KeyError(
+                    f"state dict: {described.get(key, f'parameter {key!r}')} has no {missing[0]!r} (it has "
+                    f"{sorted(st)}); {name} needs {required}: this is another optimizer's checkpoint, or an "
+                    "incomplete one (nothing was loaded)"
+                )
             step = st.get("step")
             if step is None:
                 continue

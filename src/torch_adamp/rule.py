@@ -73,6 +73,7 @@ class Options:
 
 #: fields of :class:`Options` that are not group options (set from GradScaler's attributes)
 NOT_GROUP_KEYS = ("grad_scale", "found_inf")
+_BASE_FIELDS = frozenset(f.name for f in dataclasses.fields(Options))
 
 OptionsT = TypeVar("OptionsT", bound=Options)
 
@@ -192,6 +193,8 @@ class Rule(Generic[OptionsT]):
     kernels: ClassVar[frozenset[str]] = frozenset()
     #: the native kernel's arguments: (option name, C type ``"double"`` or ``"int32"``) in the order of its struct
     kernel_fields: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: group keys that hold several options, as torch.optim spells them: AdamP's ``{"betas": ("beta1", "beta2")}``
+    renames: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     #: every rule by name (filled when a subclass with a ``name`` is defined)
     _registry: ClassVar[dict[str, Rule[Any]]] = {}
@@ -227,8 +230,17 @@ class Rule(Generic[OptionsT]):
         return self.options_type(**{**values, **self.renamed(group)})  # type: ignore[return-value]
 
     def renamed(self, group: dict[str, Any]) -> dict[str, Any]:
-        """Options whose group key differs from the option name (AdamP: ``betas`` -> ``beta1``, ``beta2``)."""
-        return {}
+        """The options held by the group keys of :attr:`renames` (AdamP: ``betas`` -> ``beta1``, ``beta2``)."""
+        return {
+            name: value for key, names in self.renames.items() for name, value in zip(names, group[key], strict=True)
+        }
+
+    @classmethod
+    def own_group_keys(cls) -> frozenset[str]:
+        """The group keys of this rule's own options (not those every rule has): what tells its checkpoints apart."""
+        renamed = {n for names in cls.renames.values() for n in names}
+        own = {f for f in cls.option_fields if f not in _BASE_FIELDS and f not in renamed}
+        return frozenset(own | set(cls.renames))
 
     def check(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` naming the option for a group value this rule cannot take: every option
@@ -240,6 +252,23 @@ class Rule(Generic[OptionsT]):
 
     def check_group(self, group: dict[str, Any]) -> None:
         """Checks that involve several options or a renamed group key (override; the default has none)."""
+
+    def check_options(self, o: OptionsT) -> None:
+        """Check options built without a group (the functional API) as :meth:`check` checks a group: each
+        field by its check, a tensor ``lr`` by its shape only (its value is on the device: not read)."""
+        values: dict[str, Any] = {}
+        for name, check in self.option_checks:
+            value = getattr(o, name)
+            if isinstance(value, Tensor):
+                if value.numel() != 1:
+                    raise ValueError(f"Invalid {name} value: a tensor {name} must have one element")
+                value = 0.0  # stands in for the value on the device in the checks across options
+            else:
+                check(name, value)
+            values[name] = value
+        for key, names in self.renames.items():
+            values[key] = tuple(values[n] for n in names)
+        self.check_group(values)
 
     # -- the math -------------------------------------------------------------------------
     def wd_divisor(self, o: OptionsT) -> float:

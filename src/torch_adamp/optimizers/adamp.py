@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -70,10 +70,7 @@ class AdamPRule(Rule[AdamPOptions]):
     counts_steps = True
     kernels = frozenset({"native"})
     kernel_fields = (("beta1", "double"), ("beta2", "double"), ("nesterov", "int32"))
-
-    def renamed(self, group: dict[str, Any]) -> dict[str, Any]:
-        beta1, beta2 = group["betas"]
-        return {"beta1": beta1, "beta2": beta2}
+    renames: ClassVar[dict[str, tuple[str, ...]]] = {"betas": ("beta1", "beta2")}
 
     def check_group(self, group: dict[str, Any]) -> None:
         betas = group["betas"]
@@ -271,6 +268,8 @@ def adamp(
                      scale_invariant=scale_invariant, capturable=capturable, grad_scale=grad_scale,
                      found_inf=found_inf, beta1=beta1, beta2=beta2, nesterov=nesterov)  # fmt: skip
     t = engine.Bundle(params, grads, [exp_avgs, exp_avg_sqs], state_steps)
+    if not torch.compiler.is_compiling():
+        ADAMP_RULE.check_options(o)  # as a group is checked (a few microseconds: Python numbers)
     if dist is not None:  # local shards: see torch_adamp.distributed
         distributed.finish(engine.begin(ADAMP_RULE, t, o, views, dist))
     else:

@@ -209,6 +209,8 @@ def sgdp(
                     momentum=momentum, dampening=dampening, nesterov=nesterov,
                     project_momentum=project_momentum)  # fmt: skip
     t = engine.Bundle(params, grads, [momentum_buffers])
+    if not torch.compiler.is_compiling():
+        SGDP_RULE.check_options(o)  # as a group is checked (a few microseconds: Python numbers)
     if dist is not None:  # local shards: see torch_adamp.distributed
         distributed.finish(engine.begin(SGDP_RULE, t, o, views, dist))
     else:
