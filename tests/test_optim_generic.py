@@ -842,3 +842,23 @@ def test_peak_memory_foreach(info: OptimizerInfo) -> None:
     )
     assert group_bytes / 2 < theirs <= group_bytes + 4096  # the counter sees torch's temporaries
     assert ours <= PEAK_GROUP_COPIES.get(info.name, 2) * group_bytes + 4096
+
+
+def test_adamp_foreach_peak_is_one_copy_of_the_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hardening round 3, item 6: the multi-tensor AdamP step peaked at 2 copies of the group (denominator and
+    update alive together; torch's foreach AdamW: 1). The denominators are now made a chunk at a time: with
+    chunks of one tensor here, the peak is the updates plus one tensor (and 8 KiB of per-row scalars)."""
+    from torch_adamp.optimizers import adamp as adamp_module
+
+    peak_temporary_bytes = _peak_temporary_bytes()
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(32, 64, generator=gen)) for _ in range(8)]
+    group_bytes = sum(p.numel() * p.element_size() for p in params)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt = OWN_INFOS[0].make(params, foreach=True, weight_decay=0.1)
+    opt.step()
+    monkeypatch.setattr(adamp_module, "CHUNK_ELEMENTS", 32 * 64)
+    ours = peak_temporary_bytes(opt.step)
+    print(f"AdamP foreach peak with one-tensor chunks: {ours / group_bytes:.2f}x the group")
+    assert ours <= group_bytes * (1 + 1 / len(params)) + 8192

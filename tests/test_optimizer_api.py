@@ -603,3 +603,29 @@ def test_the_functional_api_refuses_what_the_classes_refuse(fn: str, kwargs: dic
         else:
             torch_adamp.sgdp(p, g, [torch.zeros(4, 3)], **{**common, "momentum": 0.9, "dampening": 0.0, **kwargs})
     assert torch.equal(before, p[0])
+
+
+def test_smaller_hardening_items() -> None:
+    """Hardening round 3, item 6: a meta-device tensor lr names lr; fused=True on meta parameters names the
+    device; tensor betas are taken as torch.optim.Adam takes them (the same numbers as floats)."""
+    import torch_adamp
+
+    with pytest.raises(ValueError, match="Invalid lr value: a tensor on the meta device"):
+        AdamP([torch.nn.Parameter(torch.randn(2, 2))], lr=torch.tensor(1e-3, device="meta"))
+    p = torch.nn.Parameter(torch.randn(2, 2, device="meta"))
+    p.grad = torch.randn(2, 2, device="meta")
+    with pytest.raises(ValueError, match="fused=True cannot step parameters on the meta device"):
+        AdamP([p], fused=True).step()
+    AdamP([p]).step()  # the default off the CPU: the multi-tensor path, which meta tensors run through
+    results = []
+    b1, b2 = torch.tensor(0.8), torch.tensor(0.99)  # float32: their values are not the floats 0.8 and 0.99
+    for betas in ((b1, b2), (float(b1), float(b2))):
+        ps = helpers.small_params()
+        opt = torch_adamp.AdamP(ps, betas=betas, weight_decay=0.1)
+        for k in range(3):
+            helpers.random_grads(ps, k)
+            opt.step()
+        results.append([q.detach().clone() for q in ps])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    with pytest.raises(ValueError, match="beta parameter at index 0"):
+        AdamP(helpers.small_params(), betas=(torch.tensor([0.9, 0.9]), 0.999))

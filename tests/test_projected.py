@@ -581,3 +581,10 @@ def test_a_substituted_flat_partition_is_refused_before_inner_steps(layout: bool
     opt.param_groups[0]["scale_invariant"] = False  # the explicit opt-out: plain AdamW
     opt.step()
     assert not torch.equal(flat.detach(), before)
+
+
+def test_track_stats_must_be_a_bool() -> None:
+    """Hardening round 3, item 6: ``Projected(track_stats="no")`` used to turn statistics on."""
+    inner = torch.optim.AdamW([torch.nn.Parameter(torch.randn(3, 2))])
+    with pytest.raises(ValueError, match="Invalid track_stats value: 'no'"):
+        Projected(inner, track_stats="no")  # type: ignore[arg-type]

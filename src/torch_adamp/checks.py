@@ -27,6 +27,10 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 def nonneg(name: str, value: Any) -> None:
     """A finite number >= 0 (a one-element tensor is read: only at construction and for checks)."""
+    if isinstance(value, Tensor) and value.device.type == "meta":
+        raise ValueError(
+            f"Invalid {name} value: a tensor on the meta device has no value; pass a number or a real tensor"
+        )
     v = value.item() if isinstance(value, Tensor) else value
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0.0 or not math.isfinite(v):
         raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number >= 0")

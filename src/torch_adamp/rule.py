@@ -230,9 +230,12 @@ class Rule(Generic[OptionsT]):
         return self.options_type(**{**values, **self.renamed(group)})  # type: ignore[return-value]
 
     def renamed(self, group: dict[str, Any]) -> dict[str, Any]:
-        """The options held by the group keys of :attr:`renames` (AdamP: ``betas`` -> ``beta1``, ``beta2``)."""
+        """The options held by the group keys of :attr:`renames` (AdamP: ``betas`` -> ``beta1``, ``beta2``); a
+        one-element CPU tensor among them (as torch.optim takes betas) is read as its number (no device read)."""
         return {
-            name: value for key, names in self.renames.items() for name, value in zip(names, group[key], strict=True)
+            name: float(value) if isinstance(value, Tensor) else value
+            for key, names in self.renames.items()
+            for name, value in zip(names, group[key], strict=True)
         }
 
     @classmethod

@@ -61,6 +61,11 @@ def step(
 def _fused(rule: Rule[Any], t: Bundle, o: Options, views: Views, workspace: Workspace | None, requested: bool) -> None:
     """The fused step of every device/dtype bucket. Not ``requested`` (the CPU default): buckets the native
     kernel cannot take go to the multi-tensor path instead of being compiled."""
+    if requested and any(p.device.type == "meta" for p in t.params):
+        raise ValueError(
+            "fused=True cannot step parameters on the meta device (they have no data for a kernel, and torch.compile "
+            "cannot trace them); use foreach=True, or move the parameters to a real device first"
+        )
     backend = workspace.backend if workspace is not None else Backend()
     native_ok = backend.native and native.takes(rule, o)
     first = t.params[0].dtype

@@ -16,6 +16,7 @@ path are the engine's (:mod:`torch_adamp.engine`); the native kernel is ``csrc/r
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -77,6 +78,13 @@ class AdamPRule(Rule[AdamPOptions]):
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"Invalid betas value: {betas!r}; expected a pair (beta1, beta2)")
         for k, b in enumerate(betas):
+            if isinstance(b, Tensor):  # as torch.optim.Adam takes them; their values are read to the host here
+                if b.numel() != 1 or not b.is_floating_point() or not b.is_cpu:
+                    raise ValueError(
+                        f"Invalid beta parameter at index {k}: {b!r}; a tensor beta must be a one-element float "
+                        "tensor on the CPU (its value is read when the group is built, never at a step on a device)"
+                    )
+                b = b.item()
             if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0.0 <= b < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {k}: {b!r}; expected 0 <= beta < 1")
 
@@ -136,37 +144,60 @@ class AdamPRule(Rule[AdamPOptions]):
         torch._foreach_mul_(V, b2_v)
         torch._foreach_addcmul_(V, g, g, value=1 - b2)
 
-        denom = torch._foreach_sqrt(V)
         if as_tensor:
             # 1 - b^t = -expm1(t log b), accurate in float32 (1 - pow(b, t) is not: 1e-5 off at b2 = 0.999)
             bc1 = torch._foreach_mul(counts, _log(b1))
             torch._foreach_expm1_(bc1)
             torch._foreach_neg_(bc1)
-            sqrt_bc2 = torch._foreach_mul(counts, _log(b2))
+            sqrt_bc2: list[Any] = list(torch._foreach_mul(counts, _log(b2)))
             torch._foreach_expm1_(sqrt_bc2)
             torch._foreach_neg_(sqrt_bc2)
             torch._foreach_sqrt_(sqrt_bc2)
-            torch._foreach_div_(denom, sqrt_bc2)
             step_sizes: list[Any] = [lr / b for b in bc1]
         else:
             corrections = [bias_corrections(s, b1, b2, False) for s in counts]
-            torch._foreach_div_(denom, [c[1] for c in corrections])
+            sqrt_bc2 = [c[1] for c in corrections]
             step_sizes = [lr / c[0] for c in corrections]
-        torch._foreach_add_(denom, o.eps)
-
-        if o.nesterov:
-            U = torch._foreach_mul(M, b1)
-            torch._foreach_add_(U, torch._foreach_mul(g, 1 - b1))
-            torch._foreach_div_(U, denom)
-        else:
-            U = torch._foreach_div(M, denom)
-        del denom
+        # the update, a chunk of tensors at a time: one chunk's denominator alive beside the updates (torch's
+        # foreach AdamW keeps one copy of the group too), the same arithmetic element by element
+        U: list[Tensor] = []
+        for idx in _chunks(M, CHUNK_ELEMENTS):
+            denom = torch._foreach_sqrt([V[i] for i in idx])
+            torch._foreach_div_(denom, [sqrt_bc2[i] for i in idx])
+            torch._foreach_add_(denom, o.eps)
+            if o.nesterov:
+                Uc = torch._foreach_mul([M[i] for i in idx], b1)
+                torch._foreach_add_(Uc, torch._foreach_mul([g[i] for i in idx], 1 - b1))
+                torch._foreach_div_(Uc, denom)
+            else:
+                Uc = torch._foreach_div([M[i] for i in idx], denom)
+            del denom
+            U.extend(Uc)
 
         if not as_tensor and not isinstance(lr, Tensor) and len(set(step_sizes)) == 1:
             return list(U), step_sizes[0]
         # per-tensor step counts, or a tensor lr: scale before projecting (the projection is linear)
         torch._foreach_mul_(U, step_sizes)
         return list(U), 1.0
+
+
+#: the elements of the tensors whose update denominators the multi-tensor path computes at once (16 MiB of
+#: float32): what its step allocates beyond the updates themselves
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunks(tensors: Sequence[Tensor], limit: int) -> list[list[int]]:
+    """Consecutive indices of ``tensors`` in runs of at most ``limit`` elements (a larger tensor alone)."""
+    out: list[list[int]] = []
+    size = limit
+    for i, t in enumerate(tensors):
+        n = t.numel()
+        if size + n > limit:
+            out.append([])
+            size = 0
+        out[-1].append(i)
+        size += n
+    return out
 
 
 ADAMP_RULE = AdamPRule()

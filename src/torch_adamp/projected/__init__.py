@@ -228,6 +228,7 @@ class Projected(TrackStats, Optimizer):
             checks.nonneg(name, o[name])
         checks.fraction("wd_ratio", o["wd_ratio"])
         checks.scale_invariant("scale_invariant", o["scale_invariant"])
+        checks.boolean("track_stats", o["track_stats"])
 
     @staticmethod
     def _check_params(group: dict[str, Any]) -> None:
