@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 import os
 import socket
 import subprocess
@@ -212,7 +213,7 @@ def test_options_on_a_one_rank_partition(
     torch.testing.assert_close(flat.detach(), got_params, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("what", ["caution", "track_stats", "grad_scaler"])
+@pytest.mark.parametrize("what", ["caution", "grad_scaler"])
 def test_what_a_partition_cannot_take_is_refused_before_any_change(what: str) -> None:
     model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
     opt = AdamP(model.parameters(), lr=0.1, **({what: True} if what != "grad_scaler" else {}))
@@ -226,3 +227,43 @@ def test_what_a_partition_cannot_take_is_refused_before_any_change(what: str) ->
     with pytest.raises(NotImplementedError, match="GradScaler" if what == "grad_scaler" else what):
         opt.step()
     assert torch.equal(flat.detach(), before) and not opt.state
+
+
+@pytest.mark.parametrize(("cls", "kw"), [OPTIONS[0], OPTIONS[1], OPTIONS[3]])
+def test_track_stats_on_a_partition_in_the_one_collective(
+    cls: type[torch.optim.Optimizer], kw: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hardening round 3, item 5: ``track_stats=True`` on a ZeRO partition (refused before) gives, per weight,
+    the view, norms and angle the unsharded optimizer reports, from one more column of row sums in the step's
+    one collective (still one per step)."""
+    from torch_adamp import zero
+
+    calls: list[int] = []
+    monkeypatch.setattr(zero, "_all_reduce", lambda t, group: calls.append(t.numel()))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.Flatten(), nn.Linear(5 * 4, 7), nn.LayerNorm(7))
+    ref_model = copy.deepcopy(model)
+    opt = cls(model.parameters(), **kw, track_stats=True)
+    ref = cls(ref_model.parameters(), **kw, foreach=True, track_stats=True)
+    params = list(model.parameters())
+    flat = one_rank_zero_partition(params)
+    opt.param_groups[0]["params"] = [flat]
+    for step in range(3):
+        for i, p in enumerate(ref_model.parameters()):
+            g = torch.randn_like(p)
+            if i in (0, 4):  # conv: orthogonal to every row (channel view); linear: to the whole weight (layer)
+                w = p.detach().reshape(p.shape[0], -1) if i == 0 else p.detach().reshape(1, -1)
+                g2 = g.reshape(w.shape)
+                g = (g2 - (g2 * w).sum(1, keepdim=True) / w.square().sum(1, keepdim=True) * w).reshape(p.shape)
+            p.grad = g
+        flat.grad = torch.cat([p.grad.reshape(-1) for p in ref_model.parameters()])  # type: ignore[union-attr]
+        ref.step()
+        opt.step()
+        assert len(calls) == step + 1  # one collective per step, the statistics inside it
+        got, want = opt.stats(), ref.stats()
+        for i in (0, 4):  # the weights (ndim >= 2): the partition's statistics cover them
+            assert got[f"param{i}/view"] == want[f"group0.param{i}/view"]
+            for key in ("weight_norm", "lr_over_norm_sq"):
+                assert math.isclose(got[f"param{i}/{key}"], want[f"group0.param{i}/{key}"], rel_tol=1e-5)
+            assert math.isclose(got[f"param{i}/angular_update"], want[f"group0.param{i}/angular_update"], rel_tol=1e-3)
+        assert 0 < got["projected_fraction"] <= 1

@@ -347,14 +347,20 @@ def norm_stats(new: Sequence[Tensor], old: Sequence[Tensor]) -> tuple[Tensor, Te
         sums.masked_fill_(mask, 0)
         _all_reduce(sums, next(iter(sharded.values())))
         sums = torch.where(mask, saved, sums)
-    b2, c, d2 = sums.unbind(1)
+    b, a, angle = angle_from_sums(*sums.unbind(1))
+    dtype = new[0].dtype
+    return b.to(dtype), a.to(dtype), angle.to(dtype)
+
+
+def angle_from_sums(b2: Tensor, c: Tensor, d2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(||old||, ||new||, angle(old, new))`` from ``B = ||old||^2``, ``C = <d, old>``, ``D = ||d||^2`` with
+    ``d = new - old`` (see :func:`norm_stats`; float64 sums keep the chord of a tiny angle accurate)."""
     a2 = b2 + 2 * c + d2
     a, b = a2.sqrt(), b2.sqrt()
     b_minus_a = -(2 * c + d2) / (a + b)
     chord = (d2 + 2 * c * b_minus_a / b + b_minus_a.square()).clamp_min(0).sqrt() / a
     angle = torch.where((a > 0) & (b > 0), 2 * torch.asin((chord / 2).clamp(max=1.0)), math.nan)
-    dtype = new[0].dtype
-    return b.to(dtype), a.to(dtype), angle.to(dtype)
+    return b, a, angle
 
 
 # -- the collective, and merging the requests of several parameter groups -------------------

@@ -13,6 +13,7 @@ of this class or of the reference package, and the optional statistics
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -148,7 +149,8 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         if layout is not None:  # a DeepSpeed ZeRO partition: see torch_adamp.zero
             flat = params[0]
             assert flat.grad is not None
-            zero.step(rule, layout, flat, flat.grad, [lst[0] for lst in lists], steps[0] if steps else None, o)
+            state = [lst[0] for lst in lists]
+            zero.step(rule, layout, flat, flat.grad, state, steps[0] if steps else None, o, group["track_stats"])
             return []
         # DTensors (FSDP2) -> local shards; flat 1-D shards (FSDP1) refused here
         dist, local = distributed.localize(
@@ -175,11 +177,12 @@ class ProjectedOptimizer(TrackStats, Optimizer):
     @staticmethod
     def _check_zero(group: dict[str, Any], scaling: tuple[Tensor | None, Tensor | None]) -> None:
         """What a DeepSpeed ZeRO partition cannot take yet: refused before any state is created."""
-        for option in ("caution", "track_stats"):
-            if group.get(option):
-                raise NotImplementedError(
-                    f"{option}=True is not supported on DeepSpeed ZeRO partitions yet; set {option}=False"
-                )
+        if group.get("caution"):
+            raise NotImplementedError(
+                "caution=True is not supported on DeepSpeed ZeRO partitions: its mask is normalised by a mean over "
+                "each whole weight of the projected update, known only after the step's one collective, so it would "
+                "need a second one; set caution=False"
+            )
         if scaling[0] is not None or scaling[1] is not None:
             raise NotImplementedError(
                 "torch.amp.GradScaler's grad_scale/found_inf on a DeepSpeed ZeRO partition: DeepSpeed scales the "
@@ -239,6 +242,16 @@ class ProjectedOptimizer(TrackStats, Optimizer):
             values["lr"] = 0.0
         self._check_group(values)
         self._checked[id(group)] = signature
+
+    def _stats_elsewhere(self, group: dict[str, Any]) -> bool:
+        return self._zero.substituted(group)
+
+    def _other_stats(self) -> list[tuple[list[str], list[int], float | Tensor, Tensor]]:
+        return [
+            (layout.names, [math.prod(s) for s in layout.shapes], layout.stats_lr, layout.stats)
+            for layout in self._zero.layouts()
+            if layout.stats is not None
+        ]
 
     @staticmethod
     def _unscale_grads(params: list[Tensor], scaling: tuple[Tensor | None, Tensor | None]) -> None:

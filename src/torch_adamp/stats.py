@@ -54,7 +54,7 @@ class TrackStats:
         """Copies of the tracked parameters that have a gradient, taken before the step."""
         tracked = []
         for group in self.param_groups:
-            if group.get("track_stats"):
+            if group.get("track_stats") and not self._stats_elsewhere(group):
                 params = [p for p in group["params"] if p.grad is not None]
                 if params:
                     tracked.append((group, params, reused_copies(params, self._stats_copies, params)))
@@ -96,6 +96,14 @@ class TrackStats:
                 chunks.append((ps, lr, torch.stack([view, n_old, n_new, angle], dim=1)))
         self._last_stats[:] = chunks
 
+    def _stats_elsewhere(self, group: dict[str, Any]) -> bool:
+        """Whether the step of ``group`` records its statistics itself (DeepSpeed ZeRO partitions)."""
+        return False
+
+    def _other_stats(self) -> list[tuple[list[str], list[int], float | Tensor, Tensor]]:
+        """Statistics recorded by the steps themselves: ``(names, numels, lr, (n, 4) table)`` per group."""
+        return []
+
     def stats(self) -> dict[str, float]:
         """Statistics of the last step, as a flat ``{key: float}`` dict; the only host sync of ``track_stats``.
 
@@ -120,7 +128,8 @@ class TrackStats:
             lr_f = float(lr.item()) if isinstance(lr, Tensor) else lr
             rows.update((p, (r, lr_f)) for p, r in zip(params, table.tolist(), strict=True))
         out: dict[str, float] = {}
-        if not rows:
+        other = self._other_stats()
+        if not rows and not other:
             return out
         counts = [0, 0, 0, 0]  # projected, eligible, projected numel, eligible numel
         for gi, group in enumerate(self.param_groups):
@@ -140,6 +149,18 @@ class TrackStats:
                     counts[1] += 1
                     counts[2] += projected * p.numel()
                     counts[3] += p.numel()
+        for names, numels, lr, table in other:  # DeepSpeed ZeRO partitions: the weights, by name
+            lr_f = float(lr.item()) if isinstance(lr, Tensor) else lr
+            for name, numel, (view, n_old, n_new, angle) in zip(names, numels, table.tolist(), strict=True):
+                out[f"{name}/view"] = view
+                out[f"{name}/weight_norm"] = n_new
+                out[f"{name}/angular_update"] = angle
+                out[f"{name}/lr_over_norm_sq"] = lr_f / n_old**2 if n_old != 0 else math.inf
+                projected = view > 0
+                counts[0] += projected
+                counts[1] += 1
+                counts[2] += projected * numel
+                counts[3] += numel
         out["projected_fraction"] = counts[0] / counts[1] if counts[1] else 0.0
         out["projected_numel_fraction"] = counts[2] / counts[3] if counts[3] else 0.0
         return out

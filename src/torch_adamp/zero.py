@@ -58,7 +58,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import projection
+from . import distributed, projection
 from .distributed import FlatParameterError
 from .engine import tail
 from .engine.precision import upcast, write_back
@@ -81,6 +81,9 @@ class Layout:
     signature: tuple[int, ...]  # ids of the mapping objects it was made from
     names: list[str] = field(default_factory=list)  # of the weights, for last_views()
     views: Tensor | None = None  # the view codes the last step took, per weight (on the device)
+    #: track_stats: per weight, its view, norms before and after the last step and the angle between them
+    stats: Tensor | None = None
+    stats_lr: float | Tensor = 0.0
     total_rows: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +114,15 @@ class Groups:
             if entry is not None and entry[0] is o:
                 self._groups[id(n)] = (n, entry[1], entry[2])
         self._layouts.clear()
+
+    def substituted(self, group: dict[str, Any]) -> bool:
+        """Whether a wrapper replaced the parameters ``group`` was built with (a ZeRO partition, say)."""
+        entry = self._groups.get(id(group))
+        return entry is not None and entry[0] is group and any(id(p) not in entry[2] for p in group["params"])
+
+    def layouts(self) -> list[Layout]:
+        """The layouts of the partitions stepped so far."""
+        return list(self._layouts.values())
 
     def originals(self, group: dict[str, Any]) -> list[Tensor] | None:
         entry = self._groups.get(id(group))
@@ -271,8 +283,14 @@ def step(
     states: Sequence[Tensor],
     step_count: Tensor | None,
     o: Options,
+    track_stats: bool = False,
 ) -> None:
-    """One step of ``rule`` on a flat ZeRO partition ``param`` (updated in place, as are ``states``)."""
+    """One step of ``rule`` on a flat ZeRO partition ``param`` (updated in place, as are ``states``).
+
+    ``track_stats``: per weight, the statistics of :class:`torch_adamp.stats.TrackStats` in ``layout.stats``,
+    from one more column of row sums (``||u||^2``) in the same collective: the weight after the step is, per
+    row, ``(f + s c) w - s u``, so its norm and its angle to ``w`` follow from ``||w||^2``, ``<w,u>`` and
+    ``||u||^2`` (:func:`_stats`)."""
     if param.shape != grad.shape or param.dim() != 1:
         raise ValueError(f"a ZeRO partition of shape {tuple(param.shape)} has a gradient of shape {tuple(grad.shape)}")
     as_tensor = bool(o.capturable) or torch.compiler.is_compiling()
@@ -284,14 +302,20 @@ def step(
     U, step_size = rule.directions([w], [g], S, [step_count] if step_count is not None else None, o, as_tensor)
     u = U[0]
     W, G, Uw = _pieces(w, layout), _pieces(g, layout), _pieces(u, layout)
-    # per-row partial sums of the pieces, at their rows of the packed (total rows, 4) tensor
-    sums = torch.zeros(layout.total_rows, 4, dtype=w.dtype, device=w.device)
+    # per-row partial sums of the pieces, at their rows of the packed (total rows, 4 or 5) tensor
+    sums = torch.zeros(layout.total_rows, 5 if track_stats else 4, dtype=w.dtype, device=w.device)
     if W:
-        sums.index_add_(0, layout.row_index, projection.channel_row_sums(W, G, Uw))
+        part = projection.channel_row_sums(W, G, Uw)
+        if track_stats:  # ||u||^2 per row: the statistics' one more column
+            uu = torch.cat([torch.linalg.vector_norm(x, dim=1) ** 2 for x in Uw])
+            part = torch.cat([part, uu.unsqueeze(1)], 1)
+        sums.index_add_(0, layout.row_index, part)
     _all_reduce(sums.view(-1), layout.group)  # the step's one collective: every row's sums complete
-    decision = projection.RowDecision(sums, layout.shapes, delta=o.delta, eps=o.eps, mode=o.scale_invariant)
+    decision = projection.RowDecision(sums[:, :4], layout.shapes, delta=o.delta, eps=o.eps, mode=o.scale_invariant)
     coef, view, _ = decision.finish()
     layout.views = view
+    layout.stats = _stats(sums, coef, view, layout, o, rule.wd_divisor(o), step_size) if track_stats else None
+    layout.stats_lr = o.lr.detach().clone() if isinstance(o.lr, Tensor) else float(o.lr)
     weight_of_piece = [i for _, _, _, i in layout.pieces]
     C = [c.view(-1, 1) for c in coef[layout.row_index].split([k for _, k, _, _ in layout.pieces])]
     # the pieces are the projectable tensors (their weight's view and coefficients), the rest is not
@@ -308,6 +332,25 @@ def step(
         direction_is_state=rule.direction_is_state(o),
     )
     write_back([param, *states], [w, *(s[0] for s in S)])
+
+
+def _stats(
+    sums: Tensor, coef: Tensor, view: Tensor, layout: Layout, o: Options, divisor: float, step_size: Any
+) -> Tensor:
+    """Per weight ``[view, ||w||, ||w'||, angle(w, w')]`` from the complete row sums (``||w||^2``, ``<w,u>``,
+    ``||u||^2`` in columns 1, 3, 4) of the step ``w' = f w - s (u - c w)``: per row ``d = w' - w = k w - s u``
+    with ``k = f + s c - 1``, so ``<d,w> = k ||w||^2 - s <w,u>`` and ``||d||^2 = k^2 ||w||^2 - 2 k s <w,u> +
+    s^2 ||u||^2``, summed per weight in float64 (:func:`torch_adamp.distributed.angle_from_sums`)."""
+    rows = torch.tensor([s[0] for s in layout.shapes], device=sums.device)
+    seg = torch.repeat_interleave(torch.arange(len(layout.shapes), device=sums.device), rows)
+    f = tail.decay_factor(view, sums, o.lr, o.weight_decay, o.wd_ratio, divisor).double()
+    s = step_size.double() if isinstance(step_size, Tensor) else float(step_size)
+    ww, wu, uu = sums[:, 1].double(), sums[:, 3].double(), sums[:, 4].double()
+    k = f[seg] + s * coef.double() - 1
+    per_row = torch.stack([ww, k * ww - s * wu, k * k * ww - 2 * k * s * wu + s * s * uu], 1)
+    per_weight = torch.zeros(len(layout.shapes), 3, dtype=torch.float64, device=sums.device).index_add_(0, seg, per_row)
+    n_old, n_new, angle = distributed.angle_from_sums(*per_weight.unbind(1))
+    return torch.stack([view.double(), n_old, n_new, angle], 1).to(sums.dtype)
 
 
 def last_views(optimizer: Any) -> dict[str, str]:
