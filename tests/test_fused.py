@@ -9,6 +9,7 @@ and the compile back end's "compile once" guarantee).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Callable, Iterator
@@ -669,3 +670,38 @@ def test_fake_tensor_mode_step() -> None:
             opt = cls(fakes, fused=True, **kw)
             opt.step()
             assert all(isinstance(t, FakeTensor) for st in opt.state.values() for t in st.values())
+
+
+def test_a_plan_never_changes_the_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The native kernel's tables are built once per list of parameters and checked cheaply afterwards
+    (engine.native.Plan): a run where the parameters get new storage (``p.data = ...``), the state is loaded
+    from a checkpoint, a gradient comes transposed or channels_last, is bitwise the run without plans;
+    the plan is rebuilt, or the step falls back, at each of those steps."""
+    from torch_adamp.engine import native
+
+    def run(planned: bool) -> list[Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(6, 4, 3, 3), (5, 7), (7,)]]
+        opt = torch_adamp.AdamP(ps, lr=1e-2, weight_decay=0.1)
+        saved = None
+        for step in range(8):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            if step == 2:
+                ps[1].data = ps[1].data.clone()  # new storage: the plan's pointers are stale
+            if step == 3:
+                saved = copy.deepcopy(opt.state_dict())
+            if step == 4:
+                opt.load_state_dict(saved)  # new state tensors
+            if step == 5:
+                ps[1].grad = torch.randn(7, 5, generator=gen).t()  # not contiguous: that tensor refused
+            if step == 6:
+                ps[0].grad = ps[0].grad.contiguous(memory_format=torch.channels_last)  # another layout: refused
+            opt.step()
+            if planned and step in (1, 3, 7):
+                assert opt._workspace.plans  # the plan was used or rebuilt
+        return [p.detach().clone() for p in ps]
+
+    with_plans = run(True)
+    monkeypatch.setattr(native, "_planned", lambda *args: None)  # every step checks every tensor
+    assert all(torch.equal(a, b) for a, b in zip(with_plans, run(False), strict=True))

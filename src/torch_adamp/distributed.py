@@ -75,8 +75,12 @@ def is_dtensor(t: object) -> bool:
 
 # -- flat shards ---------------------------------------------------------------------
 def _is_flat(p: Tensor) -> bool:
-    """FSDP1 marks its ``FlatParameter`` and the original parameters it flattened."""
-    return p.dim() < 2 and (getattr(p, "_fsdp_flattened", False) or getattr(p, "_is_flat_param", False))
+    """FSDP1 marks its ``FlatParameter`` and the original parameters it flattened (instance attributes: read
+    from ``__dict__``, without the exception a missing ``getattr`` costs at every step)."""
+    if p.dim() >= 2:
+        return False
+    marks = p.__dict__
+    return bool(marks) and bool(marks.get("_fsdp_flattened") or marks.get("_is_flat_param"))
 
 
 def _flat_message(what: str, p: Tensor, optimizer: str) -> str:
@@ -273,11 +277,12 @@ def localize(
     api = _dtensor_api()
     dtensor = api.DTensor if api is not None else ()
     any_dtensor = False
-    for i, p in enumerate(params):
-        if isinstance(p, dtensor):
-            any_dtensor = True
-        elif mode is not False and _is_flat(p):
-            raise FlatParameterError(_flat_message(describe(_index_in(group, p, i), p), p, optimizer))
+    if api is not None or mode is not False:
+        for i, p in enumerate(params):
+            if isinstance(p, dtensor):
+                any_dtensor = True
+            elif mode is not False and _is_flat(p):
+                raise FlatParameterError(_flat_message(describe(_index_in(group, p, i), p), p, optimizer))
     if not any_dtensor:
         return None, [list(params), *(list(lst) for lst in lists)]
     out: list[list[Any]] = [[] for _ in range(1 + len(lists))]

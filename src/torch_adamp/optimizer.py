@@ -196,15 +196,20 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_grads()
         scaling = checks.scaling_tensors(self)  # GradScaler's grad_scale / found_inf, if it set them
-        before = self._stats_before()
         jobs: list[tuple[dict[str, Any], list[Tensor], list[Tensor | None] | None]] = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+        for group in self.param_groups:  # what is refused, refused before anything is modified
+            params = []
+            for p in group["params"]:
+                g = p.grad
+                if g is not None:
+                    if g.is_sparse:
+                        self._refuse_sparse(group, p)
+                    params.append(p)
             if params:
                 self._check_changed(group)
                 jobs.append((group, params, [None] * len(params) if group["track_stats"] else None))
+        before = self._stats_before()
         # sharded groups in two phases: every group's row sums, one collective for all, then their updates
         waiting = [s for group, params, views in jobs for s in self._step_group(group, params, views, scaling)]
         if waiting:
@@ -268,17 +273,12 @@ class ProjectedOptimizer(TrackStats, Optimizer):
             torch._foreach_mul_(bucket, factor)
 
     # -- helpers for step() ----------------------------------------------------------
-    def _check_grads(self) -> None:
-        """Refuse sparse gradients before anything is modified."""
-        for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
-                g = p.grad
-                if g is not None and g.is_sparse:
-                    raise RuntimeError(
-                        f"{type(self).__name__} does not support sparse gradients, but "
-                        f"{checks.describe(group, i, p)} has one; use dense gradients "
-                        "(e.g. nn.Embedding(sparse=False))"
-                    )
+    def _refuse_sparse(self, group: dict[str, Any], p: Tensor) -> None:
+        i = next(k for k, q in enumerate(group["params"]) if q is p)
+        raise RuntimeError(
+            f"{type(self).__name__} does not support sparse gradients, but {checks.describe(group, i, p)} has one; "
+            "use dense gradients (e.g. nn.Embedding(sparse=False))"
+        )
 
     @staticmethod
     def _new_step(p: Tensor, group: dict[str, Any]) -> Tensor:

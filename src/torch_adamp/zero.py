@@ -143,9 +143,9 @@ class Groups:
         if entry is None or entry[0] is not group:
             return None
         _, originals, ids = entry
-        foreign = [i for i, p in enumerate(params) if id(p) not in ids]
-        if not foreign:
+        if all(map(ids.__contains__, map(id, params))):  # the group's own parameters (one pass in C)
             return None
+        foreign = [i for i, p in enumerate(params) if id(p) not in ids]
         if group.get("scale_invariant") is False:
             return None
         chosen = [i for i, p in enumerate(originals) if projection.projectable(_shape(p)) and p.requires_grad]

@@ -61,18 +61,21 @@ def step(
 def _fused(rule: Rule[Any], t: Bundle, o: Options, views: Views, workspace: Workspace | None, requested: bool) -> None:
     """The fused step of every device/dtype bucket. Not ``requested`` (the CPU default): buckets the native
     kernel cannot take go to the multi-tensor path instead of being compiled."""
-    if requested and any(p.device.type == "meta" for p in t.params):
+    backend = workspace.backend if workspace is not None else Backend()
+    native_ok = backend.native and native.takes(rule, o)
+    if native_ok and workspace is not None and native.planned_step(rule, t, o, views, workspace):
+        return  # the same CPU parameters as at an earlier step: checked by their plan
+    first = t.params[0].dtype
+    if native_ok and all(p.is_cpu and p.dtype is first for p in t.params):  # the common case, in one pass
+        native.step(rule, t, o, views, workspace, try_plan=False)
+        return
+    buckets = list(group_by_device_and_dtype(range(len(t)), t.params).values())
+    if requested and any(t.params[idx[0]].device.type == "meta" for idx in buckets):  # before any bucket steps
         raise ValueError(
             "fused=True cannot step parameters on the meta device (they have no data for a kernel, and torch.compile "
             "cannot trace them); use foreach=True, or move the parameters to a real device first"
         )
-    backend = workspace.backend if workspace is not None else Backend()
-    native_ok = backend.native and native.takes(rule, o)
-    first = t.params[0].dtype
-    if native_ok and all(p.is_cpu and p.dtype is first for p in t.params):  # the common case, in one pass
-        native.step(rule, t, o, views, workspace)
-        return
-    for idx in group_by_device_and_dtype(range(len(t)), t.params).values():
+    for idx in buckets:
         sub, bucket_views = t.take(idx), sub_views(views, len(idx))
         if native_ok and sub.params[0].is_cpu:
             native.step(rule, sub, o, bucket_views, workspace)

@@ -13,6 +13,7 @@ nothing, where ``found_inf`` is set.
 from __future__ import annotations
 
 import ctypes
+import operator
 from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -112,6 +113,13 @@ def _scaling_floats(o: Options) -> tuple[Tensor | None, Tensor | None]:
     return cpu(o.grad_scale), cpu(o.found_inf)
 
 
+def _tables(t: Bundle, numel: list[int]) -> tuple[array[int], array[int]]:
+    """The kernel's tables: every data pointer (params, grads, each state, steps), then numels and rows."""
+    ptrs = array("q", [x.data_ptr() for lst in t.lists() for x in lst])
+    meta = array("q", numel + [p.size(0) if p.dim() > 1 else 0 for p in t.params])
+    return ptrs, meta
+
+
 def _run_kernel(
     rule: Rule[Any],
     t: Bundle,
@@ -121,24 +129,29 @@ def _run_kernel(
     workspace: Workspace | None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    tables: tuple[array[int], array[int]] | None = None,
+    key: tuple[int, ...] | None = None,
 ) -> Tensor:
     """Run the rule's kernel on a bundle it takes; returns the view codes.
 
     ``o`` holds the options the kernel reads (:class:`Options`, or the custom op's :class:`_OpOptions`);
-    ``grad_scale`` / ``found_inf``: 0-d CPU float32 tensors of GradScaler's protocol (:func:`_scaling_floats`)."""
+    ``grad_scale`` / ``found_inf``: 0-d CPU float32 tensors of GradScaler's protocol (:func:`_scaling_floats`);
+    ``tables``: the pointer and shape tables when the caller has them (:class:`Plan`), ``key`` the list's
+    identity in the workspace."""
     n = len(numel)
     codes = torch.zeros(n, dtype=torch.int64)
     if n == 0:
         return codes
-    lists = t.lists()
     write_back: list[tuple[Tensor, Tensor]] = []
-    key = tuple(map(id, lists[0])) if workspace is not None else ()
-    if lists[0][0].dtype in LOW_PRECISION:  # float32 copies of half-precision params and grads
-        p32 = [p.float() for p in lists[0]]
-        write_back = list(zip(lists[0], p32, strict=True))
-        lists = [p32, [g.float() for g in lists[1]], *lists[2:]]
-    ptrs = array("q", [x.data_ptr() for lst in lists for x in lst])
-    meta = array("q", numel + [s[0] if len(s) > 1 else 0 for s in [p.shape for p in lists[0]]])
+    params = t.params
+    if params[0].dtype in LOW_PRECISION:  # float32 copies of half-precision params and grads
+        p32 = [p.float() for p in params]
+        write_back = list(zip(params, p32, strict=True))
+        t = Bundle(p32, [g.float() for g in t.grads], t.states, t.steps)
+        tables = None
+    ptrs, meta = tables if tables is not None else _tables(t, numel)
+    if workspace is not None and key is None:
+        key = tuple(map(id, params))
     a = _native.Args()
     a.n = n
     a.ptrs = ptrs.buffer_info()[0]
@@ -156,8 +169,8 @@ def _run_kernel(
     rule_args = getattr(a.rule, rule.name)
     for (name, _), value in zip(rule.kernel_fields, rule.kernel_args(o), strict=True):
         setattr(rule_args, name, type(getattr(rule_args, name))(value))  # int or float, as the C field
-    step_fn, spare_fn = _native.kernel(rule.name, compute_dtype(lists[0][0].dtype) is torch.float64)
-    guess = workspace.guesses.get(key) if workspace is not None else None
+    step_fn, spare_fn = _native.kernel(rule.name, compute_dtype(t.params[0].dtype) is torch.float64)
+    guess = workspace.guesses.get(key) if workspace is not None and key is not None else None
     if guess is not None and guess.numel() == n:
         a.guess = guess.data_ptr()
         need = int(spare_fn(ctypes.byref(a)))
@@ -168,14 +181,76 @@ def _run_kernel(
         raise MemoryError(
             f"torch_adamp: the fused {rule.name} kernel could not allocate its scratch (nothing was updated)"
         )
-    if workspace is not None:
+    if workspace is not None and key is not None:
         workspace.remember(key, codes)
         workspace.spec_right += a.spec_right
         workspace.spec_wrong += a.spec_wrong
     for p, p32_ in write_back:
         p.copy_(p32_)
-    bump_versions([p for p, _ in write_back] or list(lists[0]))
+    bump_versions([p for p, _ in write_back] or list(params))
     return codes
+
+
+class Plan:
+    """The kernel's tables for one list of parameters, built once and checked cheaply at every step.
+
+    Built where every tensor of the list was checked (on the CPU, contiguous, float32 or float64, the state in
+    its dtype with the parameter's numel). A later step reuses it when the parameters are the same objects with
+    the same data pointers (``p.data = ...`` and ``module.to()`` give a parameter new storage) and the state
+    tensors the same objects (the optimizer creates them, ``load_state_dict`` replaces them); only the
+    gradients, new tensors after ``zero_grad()``, are checked and their pointers written into the table.
+    """
+
+    def __init__(self, t: Bundle, numel: list[int]) -> None:
+        self.params = list(t.params)
+        self.states = [list(s) for s in t.states]
+        self.steps = list(t.steps) if t.steps is not None else None
+        self.param_ptrs = [p.data_ptr() for p in self.params]
+        self.numel = numel
+        self.dtypes = [self.params[0].dtype] * len(numel)
+        self.tables = _tables(t, numel)
+
+    def matches(self, t: Bundle) -> bool:
+        """Whether ``t`` holds the same parameters (same storage) and state tensors as when it was built."""
+        if not (len(t.params) == len(self.params) and all(map(operator.is_, t.params, self.params))):
+            return False
+        if not all(all(map(operator.is_, a, b)) for a, b in zip(t.states, self.states, strict=True)):
+            return False
+        if (t.steps is None) != (self.steps is None) or (
+            t.steps is not None and not all(map(operator.is_, t.steps, self.steps))  # type: ignore[arg-type]
+        ):
+            return False
+        return list(map(Tensor.data_ptr, t.params)) == self.param_ptrs
+
+    def take_grads(self, grads: Sequence[Tensor]) -> bool:
+        """Check the gradients as the kernel reads them and write their pointers into the table, or ``False``
+        (the table unchanged) where one is not a raw buffer like its parameter's (one C-level pass per check)."""
+        if not (
+            all(map(operator.is_, map(_DTYPE, grads), self.dtypes))
+            and all(map(_IS_CPU, grads))
+            and all(map(Tensor.is_contiguous, grads))
+            and list(map(Tensor.numel, grads)) == self.numel
+        ):
+            return False
+        n = len(self.numel)
+        self.tables[0][n : 2 * n] = array("q", map(Tensor.data_ptr, grads))
+        return True
+
+
+_DTYPE = operator.attrgetter("dtype")
+_IS_CPU = operator.attrgetter("is_cpu")
+
+
+def _planned(rule: Rule[Any], t: Bundle, o: Options, workspace: Workspace) -> Tensor | None:
+    """The step through the workspace's plan of this list of parameters, or ``None`` (nothing done) where there
+    is none that matches or a gradient cannot be read as a raw buffer."""
+    key = tuple(map(id, t.params))
+    plan = workspace.plans.get(key)
+    if plan is None or not plan.matches(t) or not plan.take_grads(t.grads):
+        return None
+    grad_scale, found_inf = _scaling_floats(o)
+    lr = float(o.lr.item()) if isinstance(o.lr, Tensor) else float(o.lr)  # a CPU tensor: no device sync
+    return _run_kernel(rule, t, plan.numel, lr, o, workspace, grad_scale, found_inf, plan.tables, key)
 
 
 class _OpOptions:
@@ -243,8 +318,32 @@ def through_dispatcher(params: Sequence[Tensor]) -> bool:
     )
 
 
-def step(rule: Rule[Any], t: Bundle, o: Options, views: tail.Views, workspace: Workspace | None = None) -> None:
-    """One same-dtype CPU bucket through the kernel (refused tensors through the multi-tensor path)."""
+def planned_step(rule: Rule[Any], t: Bundle, o: Options, views: tail.Views, workspace: Workspace) -> bool:
+    """The step of a list of parameters stepped before, through its :class:`Plan`: ``True`` if it ran, ``False``
+    (nothing done) where there is none that matches, a gradient cannot be read as a raw buffer, or the call must
+    go through the dispatcher (under ``torch.compile``, a dispatch mode)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    codes = _planned(rule, t, o, workspace)
+    if codes is None:
+        return False
+    tail.scatter_views(views, range(len(t)), codes.unbind(0) if views is not None else None)
+    return True
+
+
+def step(
+    rule: Rule[Any],
+    t: Bundle,
+    o: Options,
+    views: tail.Views,
+    workspace: Workspace | None = None,
+    try_plan: bool = True,
+) -> None:
+    """One same-dtype CPU bucket through the kernel (refused tensors through the multi-tensor path);
+    ``try_plan=False``: the caller tried :func:`planned_step` already."""
+    if try_plan and workspace is not None and planned_step(rule, t, o, views, workspace):
+        return
+    plain = workspace is not None and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
     taken, numel, refused = _split_refused(t)
     grad_scale, found_inf = _scaling_floats(o)
     if through_dispatcher(t.params):
@@ -263,7 +362,12 @@ def step(rule: Rule[Any], t: Bundle, o: Options, views: tail.Views, workspace: W
         )
     else:
         lr_v = float(o.lr.item()) if isinstance(o.lr, Tensor) else float(o.lr)  # a CPU tensor: no device sync
-        codes = _run_kernel(rule, taken, numel, lr_v, o, workspace, grad_scale, found_inf)
+        if plain and not refused and t.params and t.params[0].dtype not in LOW_PRECISION:
+            plan = Plan(taken, numel)  # the next steps check only what can change (see Plan)
+            workspace.plans[tuple(map(id, taken.params))] = plan  # type: ignore[union-attr]
+            codes = _run_kernel(rule, taken, numel, lr_v, o, workspace, grad_scale, found_inf, plan.tables)
+        else:
+            codes = _run_kernel(rule, taken, numel, lr_v, o, workspace, grad_scale, found_inf)
     if refused:
         sub_views: list[Tensor | None] = [None] * len(refused)
         paths.multi_tensor(rule, t.take(refused), o, sub_views)

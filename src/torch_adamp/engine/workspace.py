@@ -46,6 +46,20 @@ class Backend:
         return self.fused != "compile"
 
 
+class LRU(dict[Any, Any]):
+    """A dict that keeps its ``limit`` most recently set entries."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.pop(key, None)
+        super().__setitem__(key, value)
+        while len(self) > self.limit:
+            del self[next(iter(self))]
+
+
 class Workspace:
     """What the engine keeps between the steps of one optimizer (its ``_workspace``).
 
@@ -63,14 +77,17 @@ class Workspace:
     def __init__(self, backend: Backend | None = None) -> None:
         self.backend = backend if backend is not None else Backend.from_env()
         self.guesses: dict[tuple[int, ...], Tensor] = {}
+        #: the native kernel's tables per list of parameters (see engine.native.Plan)
+        self.plans: LRU = LRU(self.MAX_LISTS)
         self.compiled: dict[Any, Callable[..., Any]] = {}
         self.spare: Tensor | None = None
         self.spec_right = 0
         self.spec_wrong = 0
 
     def release(self) -> None:
-        """Forget every guess and free the spare block."""
+        """Forget every guess and plan and free the spare block."""
         self.guesses.clear()
+        self.plans.clear()
         self.spare = None
 
     @property
