@@ -189,7 +189,8 @@ class Rule(Generic[OptionsT]):
     state_names: ClassVar[tuple[str, ...]]
     #: whether the rule keeps a float32 ``step`` counter per parameter (passed after the state tensors)
     counts_steps: ClassVar[bool] = False
-    #: the back ends that have a kernel for this rule: ``"native"`` (the CPU kernel, ``csrc/rules/<name>.h``)
+    #: the back ends that have a kernel for this rule: ``"native"`` (the CPU kernel, ``csrc/rules/<name>.h``),
+    #: ``"triton"`` (the element functions of ``torch_adamp/triton/<name>.py`` over the Triton driver)
     kernels: ClassVar[frozenset[str]] = frozenset()
     #: the native kernel's arguments: (option name, C type ``"double"`` or ``"int32"``) in the order of its struct
     kernel_fields: ClassVar[tuple[tuple[str, str], ...]] = ()

@@ -3,9 +3,10 @@
 :func:`step` chooses the path per device/dtype bucket: the per-tensor loop (``foreach=False``), the
 multi-tensor path (``foreach=True``, the default off the CPU), the fused path (``fused=True``, and the
 default on the CPU where the rule has a native kernel): the rule's native kernel on CPU buckets
-(:mod:`.native`) or ``torch.compile`` of the multi-tensor path (:mod:`.compiled`), as the optimizer's
-:class:`~.workspace.Backend` says. The rule supplies the direction (:mod:`torch_adamp.rule`); the
-projection and the decay-and-step tail are shared (:mod:`torch_adamp.projection`, :mod:`.tail`).
+(:mod:`.native`), its Triton kernels on CUDA buckets (:mod:`.triton`) or ``torch.compile`` of the
+multi-tensor path (:mod:`.compiled`), as the optimizer's :class:`~.workspace.Backend` says. The rule
+supplies the direction (:mod:`torch_adamp.rule`); the projection and the decay-and-step tail are shared
+(:mod:`torch_adamp.projection`, :mod:`.tail`).
 Sharded tensors take the multi-tensor path in two phases (:func:`begin`): a caller with several parameter
 groups sums the packed totals of all of them in one collective between the phases.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..rule import Options, Rule
-from . import compiled, native, paths
+from . import compiled, native, paths, triton
 from .bundle import Bundle
 from .paths import MultiTensorStep
 from .precision import group_by_device_and_dtype
@@ -79,6 +80,8 @@ def _fused(rule: Rule[Any], t: Bundle, o: Options, views: Views, workspace: Work
         sub, bucket_views = t.take(idx), sub_views(views, len(idx))
         if native_ok and sub.params[0].is_cpu:
             native.step(rule, sub, o, bucket_views, workspace)
+        elif (requested or backend.fused == "triton") and triton.takes(rule, o, sub.params, backend):
+            triton.step(rule, sub, o, bucket_views, workspace)
         elif requested:
             compiled.step(rule, sub, o, bucket_views, workspace, backend.compiler)
         else:

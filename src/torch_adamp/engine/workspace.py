@@ -4,6 +4,7 @@ back end's compiled steps). Only speed depends on it: results are the same bits 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 #: the values of ``TORCH_ADAMP_FUSED``, read when an optimizer is built
-FUSED_BACKENDS = ("auto", "native", "compile")
+FUSED_BACKENDS = ("auto", "native", "compile", "triton")
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,11 @@ class Backend:
     """What ``fused=True`` runs, per device/dtype bucket.
 
     ``fused``: ``"auto"`` (or ``"native"``): the rule's native kernel for CPU buckets when the rule has one
-    and the kernels built, ``torch.compile`` of the multi-tensor path elsewhere; ``"compile"``:
-    ``torch.compile`` everywhere. ``compiler``: the ``backend`` argument of that ``torch.compile``.
+    and the kernels built, its Triton kernels for CUDA buckets when it has them and Triton is installed,
+    ``torch.compile`` of the multi-tensor path elsewhere; ``"compile"``: ``torch.compile`` everywhere;
+    ``"triton"``: the Triton kernels for CUDA buckets and for CPU buckets (under Triton's interpreter,
+    ``TRITON_INTERPRET=1``: the CPU-only check of the kernels), ``torch.compile`` elsewhere. ``compiler``:
+    the ``backend`` argument of that ``torch.compile``.
     """
 
     fused: str = "auto"
@@ -38,12 +42,26 @@ class Backend:
         name = os.environ.get("TORCH_ADAMP_FUSED", "auto").strip().lower() or "auto"
         if name not in FUSED_BACKENDS:
             raise ValueError(f"TORCH_ADAMP_FUSED={name!r}: expected one of {', '.join(FUSED_BACKENDS)}")
+        if name == "triton":
+            _check_triton()
         return Backend(name)
 
     @property
     def native(self) -> bool:
         """Whether CPU buckets may take the native kernel."""
-        return self.fused != "compile"
+        return self.fused in ("auto", "native")
+
+
+def _check_triton() -> None:
+    """``TORCH_ADAMP_FUSED=triton`` refused where it cannot run: without Triton, or on a machine without CUDA
+    outside Triton's interpreter (its CPU mode needs ``TRITON_INTERPRET=1`` before triton is imported)."""
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError("TORCH_ADAMP_FUSED=triton: Triton is not installed (pip install triton)")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "TORCH_ADAMP_FUSED=triton on a machine without CUDA runs the Triton kernels on CPU tensors, in Triton's "
+            "interpreter only: set TRITON_INTERPRET=1 in the environment before the process imports triton"
+        )
 
 
 class LRU(dict[Any, Any]):
@@ -69,10 +87,13 @@ class Workspace:
     * the spare block of that sweep (a ``uint8`` tensor the size of the largest tensor stepped under a
       guess, reused between steps, freed with the optimizer or by :meth:`release`);
     * how many speculative sweeps guessed right and wrong (``spec_right``, ``spec_wrong``);
-    * the compile back end's compiled steps (``compiled``), one per group signature.
+    * the compile back end's compiled steps (``compiled``), one per group signature;
+    * the Triton back end's plans (``triton_plans``: tables, views of the last step, spare blocks).
     """
 
     MAX_LISTS = 64
+    #: Triton plans kept (each holds its spare blocks, up to a copy of its parameters)
+    MAX_TRITON_PLANS = 16
 
     def __init__(self, backend: Backend | None = None) -> None:
         self.backend = backend if backend is not None else Backend.from_env()
@@ -80,6 +101,8 @@ class Workspace:
         #: the native kernel's tables per list of parameters (see engine.native.Plan)
         self.plans: LRU = LRU(self.MAX_LISTS)
         self.compiled: dict[Any, Callable[..., Any]] = {}
+        #: the Triton back end's tables and buffers per list of parameters (see engine.triton.Plan)
+        self.triton_plans: LRU = LRU(self.MAX_TRITON_PLANS)
         self.spare: Tensor | None = None
         self.spec_right = 0
         self.spec_wrong = 0
@@ -88,6 +111,7 @@ class Workspace:
         """Forget every guess and plan and free the spare block."""
         self.guesses.clear()
         self.plans.clear()
+        self.triton_plans.clear()
         self.spare = None
 
     @property

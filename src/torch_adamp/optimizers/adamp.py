@@ -69,7 +69,7 @@ class AdamPRule(Rule[AdamPOptions]):
     options_type = AdamPOptions
     state_names = ("exp_avg", "exp_avg_sq")
     counts_steps = True
-    kernels = frozenset({"native"})
+    kernels = frozenset({"native", "triton"})
     kernel_fields = (("beta1", "double"), ("beta2", "double"), ("nesterov", "int32"))
     renames: ClassVar[dict[str, tuple[str, ...]]] = {"betas": ("beta1", "beta2")}
 

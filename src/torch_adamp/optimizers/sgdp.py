@@ -58,7 +58,7 @@ class SGDPRule(Rule[SGDPOptions]):
     name = "sgdp"
     options_type = SGDPOptions
     state_names = ("momentum",)
-    kernels = frozenset({"native"})
+    kernels = frozenset({"native", "triton"})
     kernel_fields = (
         ("momentum", "double"),
         ("dampening", "double"),
