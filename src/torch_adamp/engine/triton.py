@@ -42,6 +42,8 @@ SPECULATE = True
 #: the most bytes of spare blocks (old weights kept for a wrong guess) of one list of parameters; tensors past
 #: it take two passes
 SPARE_MAX_BYTES = 16 << 30
+#: the tiles of new plans where not the GPU's (tests: ``driver.SMALL`` makes small tensors take every kind of tile)
+CONFIG: Any = None
 #: steps counted on the host even where the counters are on the parameters' device (tests: the CUDA case on the CPU)
 FORCE_HOST_STEPS = False
 
@@ -136,8 +138,8 @@ def _steps_kind(t: Bundle) -> int:
 
 
 def _config(device: torch.device) -> Any:
-    driver = _driver()
-    return driver.GPU
+    """The tiles: a GPU's (the interpreter runs them too), or :data:`CONFIG` where a test sets it."""
+    return CONFIG if CONFIG is not None else _driver().GPU
 
 
 class Plan:
@@ -174,8 +176,7 @@ class Plan:
             keep = proj and self.spec and cost <= room
             room -= cost if keep else 0
             spare.append(keep)
-            cols = p.numel() // p.shape[0] if proj else 0
-            spare2.append(keep and self.dir_state >= 0 and cols <= config.cmax)
+            spare2.append(keep and self.dir_state >= 0)
         self.layout = driver.Layout(self.shapes, projectable, config, spare, spare2)
         hyp_len = int(driver.HYP_COMMON) + len(self.mod.hyper(o))
         self.buf = driver.Buffers(self.layout, self.device, self.dtype, hyp_len)

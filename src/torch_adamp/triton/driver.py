@@ -71,26 +71,27 @@ HYP_COMMON_: tl.constexpr = tl.constexpr(HYP_COMMON)
 
 @dataclass(frozen=True)
 class Config:
-    """The tiles of a launch. A row tile holds ``tile // cb`` whole rows of up to ``cb`` elements, ``cb`` the
-    power of two ``cb0 << k`` (``k < nclass``) that fits the row; longer rows (above ``cmax``) are cut into
-    chunks of ``cmax``; tensors never projected are cut into blocks of ``flat`` elements."""
+    """The tiles of a launch: ``rt x cb`` elements. A tile holds ``rt // k`` whole rows of a projectable tensor
+    whose rows take ``k = ceil(row length / cb) <= rt`` tile rows each; a longer row is one program, in chunks
+    of ``rt * cb``; a tensor never projected is cut into blocks of ``flat`` elements. ``rblk``: rows per
+    iteration of decide."""
 
-    cb0: int = 32
-    nclass: int = 9
-    tile: int = 8192
-    flat: int = 4096
+    rt: int = 16
+    cb: int = 128
+    flat: int = 2048
     rblk: int = 1024
     num_warps: int = 8
 
     @property
-    def cmax(self) -> int:
-        return self.cb0 << (self.nclass - 1)
+    def tile(self) -> int:
+        return self.rt * self.cb
 
 
-#: a GPU's tiles: rows of up to 8192 elements held whole in registers
+#: a GPU's tiles: 2048 elements (8 per thread of 8 warps: AdamP's stage fits 128 registers, two programs per SM),
+#: rows of up to 2048 elements held whole
 GPU = Config()
-#: the interpreter's (small tiles, so that small tensors exercise every tile kind, long rows included)
-INTERPRETER = Config(cb0=4, nclass=4, tile=64, flat=64, rblk=16, num_warps=1)
+#: small tiles, so that small tensors exercise every kind of tile (rows in several tile rows, long rows)
+SMALL = Config(rt=4, cb=8, flat=32, rblk=4, num_warps=1)
 
 
 def interpreted() -> bool:
@@ -113,23 +114,24 @@ def _coef(pu, pp, eps):
 @triton.jit
 def _passes(pg, pp, gg, eps, thr):
     """``|cos(w, g)| < thr`` of rows (or totals); NaN and an overflowed squared norm fail."""
-    nan = tl.PropagateNan.ALL
-    den = tl.maximum(tl.sqrt_rn(gg), eps, propagate_nan=nan) * tl.maximum(tl.sqrt_rn(pp), eps, propagate_nan=nan)
+    den = tl.maximum(tl.sqrt_rn(gg), eps, propagate_nan=tl.PropagateNan.ALL) * tl.maximum(
+        tl.sqrt_rn(pp), eps, propagate_nan=tl.PropagateNan.ALL
+    )
     cos = tl.div_rn(tl.abs(pg), den)
     return (cos < thr) & (tl.abs(pp) < float("inf")) & (tl.abs(gg) < float("inf"))
 
 
 @triton.jit
-def _guess(MODE: tl.constexpr, SPEC: tl.constexpr, old, split, spare):
+def _guess(MODE: tl.constexpr, SPEC: tl.constexpr, old, spare):
     """The view a projectable tensor is stepped under in stage: -1 (none: apply steps it), 0 (``none``) or
-    1 (``channel``). ``old``: its view at the last step (-1 before the first); ``split``: rows cut in chunks;
-    ``spare``: it has room in the spare block (for its old weights)."""
+    1 (``channel``). ``old``: its view at the last step (-1 before the first); ``spare``: it has room in the
+    spare block (for its old weights)."""
     if MODE == 2:
-        g = tl.where(split, -1, 1)
+        g = tl.where(spare, 1, 1)
     elif (MODE == 1) and SPEC:
-        g = tl.where(spare & (old == 0), 0, tl.where(spare & (old == 1) & (split == 0), 1, -1))
+        g = tl.where(spare & (old == 0), 0, tl.where(spare & (old == 1), 1, -1))
     else:
-        g = tl.where(split, -1, -1)
+        g = tl.where(spare, -1, -1)
     return g
 
 
@@ -150,8 +152,8 @@ def _tensor(meta_ptr, ptr_ptr, n, i, like_p):
     numel = tl.load(m)
     rows = tl.load(m + 1)
     cols = tl.load(m + 2)
-    seg0 = tl.load(m + 3)
-    segs = tl.load(m + 4)
+    row0 = tl.load(m + 3)
+    k = tl.load(m + 4)
     sp = tl.load(m + 5)
     sp2 = tl.load(m + 6)
     proj = tl.load(m + 7)
@@ -159,7 +161,7 @@ def _tensor(meta_ptr, ptr_ptr, n, i, like_p):
     g_ptr = tl.load(ptr_ptr + n + i).to(like_p.dtype, bitcast=True)
     s0_ptr = tl.load(ptr_ptr + 2 * n + i).to(tl.pointer_type(tl.float32), bitcast=True)
     s1_ptr = tl.load(ptr_ptr + 3 * n + i).to(tl.pointer_type(tl.float32), bitcast=True)
-    return numel, rows, cols, seg0, segs, sp, sp2, proj, p_ptr, g_ptr, s0_ptr, s1_ptr
+    return numel, rows, cols, row0, k, sp, sp2, proj, p_ptr, g_ptr, s0_ptr, s1_ptr
 
 
 
@@ -225,6 +227,55 @@ def _step(w, u, f, ss, DECAY: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------------------------------
+# tiles
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile(b, cols, k, RT: tl.constexpr, CB: tl.constexpr):
+    """A tile of ``b`` whole rows of ``cols`` elements as ``[RT, CB]``: tile row ``j`` holds chunk ``j % k`` of
+    row ``j // k`` (``k = ceil(cols / CB)``). Offsets are relative to the tile's first row (int32: a tile spans
+    fewer than ``RT * CB`` elements; the first row's offset is added as int64)."""
+    j = tl.arange(0, RT)
+    lr = j // k
+    q = j % k
+    rvalid = lr < b
+    col = q[:, None] * CB + tl.arange(0, CB)[None, :]
+    mask = rvalid[:, None] & (col < cols)
+    offs = (lr * cols)[:, None] + col
+    return lr, q, rvalid, mask, offs
+
+
+@triton.jit
+def _row_total(x, lr):
+    """Per tile row, the sum of its whole row: the chunks' sums added over the tile rows of the same row."""
+    part = tl.sum(x, axis=1)
+    same = lr[:, None] == lr[None, :]
+    return tl.sum(tl.where(same, part[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _load_states(s0_ptr, s1_ptr, offs, mask, NSTATE: tl.constexpr):
+    s0 = tl.load(s0_ptr + offs, mask=mask, other=0.0)
+    s1 = s0
+    if NSTATE > 1:
+        s1 = tl.load(s1_ptr + offs, mask=mask, other=0.0)
+    return s0, s1
+
+
+@triton.jit
+def _keep(spare_ptr, spare2_ptr, offs, mask, w_raw, n0, n1, guess, DIR_STATE: tl.constexpr):
+    """What a wrong guess needs, kept before a guessed row is written: its old weights and, under a ``channel``
+    guess, the unprojected direction state (where the state stores the projected direction)."""
+    tl.store(spare_ptr + offs, w_raw, mask=mask)
+    channel = tl.where(guess == 1, mask, False)  # (not mask & scalar: the interpreter makes that int32)
+    if DIR_STATE == 0:
+        tl.store(spare2_ptr + offs, n0, mask=channel)
+    if DIR_STATE == 1:
+        tl.store(spare2_ptr + offs, n1, mask=channel)
+
+
+# ----------------------------------------------------------------------------------------------------
 # stage
 # ----------------------------------------------------------------------------------------------------
 
@@ -234,64 +285,46 @@ def _stage_flat(p_ptr, g_ptr, s0_ptr, s1_ptr, numel, a, ss, K, f_none, inv,
                 DIRECTION: tl.constexpr, NSTATE: tl.constexpr, RFLAGS: tl.constexpr, HAS_GS: tl.constexpr,
                 MAXIMIZE: tl.constexpr, DECAY: tl.constexpr, FLAT: tl.constexpr):  # fmt: skip
     """A block of a tensor that is never projected: the whole step."""
-    offs = a + tl.arange(0, FLAT)
-    mask = offs < numel
+    offs = tl.arange(0, FLAT)
+    mask = offs < numel - a
+    p_ptr += a
+    g_ptr += a
+    s0_ptr += a
+    s1_ptr += a
     w_raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
     g = _grad(g_ptr, offs, mask, inv, HAS_GS, MAXIMIZE)
-    s0 = tl.load(s0_ptr + offs, mask=mask, other=0.0)
-    s1 = s0
-    if NSTATE > 1:
-        s1 = tl.load(s1_ptr + offs, mask=mask, other=0.0)
+    s0, s1 = _load_states(s0_ptr, s1_ptr, offs, mask, NSTATE)
     u, n0, n1 = DIRECTION(g, s0, s1, K, RFLAGS)
     _store_states(s0_ptr, s1_ptr, offs, mask, n0, n1, NSTATE)
     tl.store(p_ptr + offs, _step(w_raw.to(tl.float32), u, f_none, ss, DECAY).to(w_raw.dtype), mask=mask)
 
 
 @triton.jit
-def _stage_rows(p_ptr, g_ptr, s0_ptr, s1_ptr, rows_ptr, spare_ptr, spare2_ptr, views_ptr, i, a, b, cols_n, seg0,
-                segs, sp, sp2, ss, K, f_none, f_proj, eps, inv,
+def _stage_tile(p_ptr, g_ptr, s0_ptr, s1_ptr, rows_ptr, spare_ptr, spare2_ptr, a, b, cols, k, guess, ss, K,
+                f_none, f_proj, eps, inv,
                 DIRECTION: tl.constexpr, NSTATE: tl.constexpr, DIR_STATE: tl.constexpr, RFLAGS: tl.constexpr,
-                MODE: tl.constexpr, SPEC: tl.constexpr, HAS_GS: tl.constexpr, MAXIMIZE: tl.constexpr,
-                DECAY: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
-    """A tile of a projectable tensor: rows ``a .. a+b-1`` (or, ``SPLIT``, chunk ``b`` of row ``a``)."""
-    if SPLIT:
-        r = a + tl.arange(0, 1)
-        rmask = r == a
-        cols = b * CB + tl.arange(0, CB)
-        slot = seg0 + r * segs + b
-    else:
-        r = a + tl.arange(0, RB)
-        rmask = tl.arange(0, RB) < b
-        cols = tl.arange(0, CB)
-        slot = seg0 + r
-    offs = r[:, None] * cols_n + cols[None, :]
-    mask = rmask[:, None] & (cols < cols_n)[None, :]
+                MODE: tl.constexpr, HAS_GS: tl.constexpr, MAXIMIZE: tl.constexpr, DECAY: tl.constexpr,
+                RT: tl.constexpr, CB: tl.constexpr):  # fmt: skip
+    """Rows ``a .. a+b-1`` of a projectable tensor, held whole (pointers are at the tensor's row ``a``)."""
+    lr, q, rvalid, mask, offs = _tile(b, cols.to(tl.int32), k.to(tl.int32), RT, CB)
     w_raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
     w = w_raw.to(tl.float32)
     g = _grad(g_ptr, offs, mask, inv, HAS_GS, MAXIMIZE)
-    s0 = tl.load(s0_ptr + offs, mask=mask, other=0.0)
-    s1 = s0
-    if NSTATE > 1:
-        s1 = tl.load(s1_ptr + offs, mask=mask, other=0.0)
+    s0, s1 = _load_states(s0_ptr, s1_ptr, offs, mask, NSTATE)
     u, n0, n1 = DIRECTION(g, s0, s1, K, RFLAGS)
-    pg = tl.sum(w * g, axis=1)
-    pp = tl.sum(w * w, axis=1)
-    gg = tl.sum(g * g, axis=1)
-    pu = tl.sum(w * u, axis=1)
-    tl.store(rows_ptr + 4 * slot, pg, mask=rmask)
-    tl.store(rows_ptr + 4 * slot + 1, pp, mask=rmask)
-    tl.store(rows_ptr + 4 * slot + 2, gg, mask=rmask)
-    tl.store(rows_ptr + 4 * slot + 3, pu, mask=rmask)
-    guess = _guess(MODE, SPEC, tl.load(views_ptr + i).to(tl.int32), segs > 1, sp >= 0)
+    pg = _row_total(w * g, lr)
+    pp = _row_total(w * w, lr)
+    gg = _row_total(g * g, lr)
+    pu = _row_total(w * u, lr)
+    first = rvalid & (q == 0)
+    slot = rows_ptr + 4 * (a + lr)
+    tl.store(slot, pg, mask=first)
+    tl.store(slot + 1, pp, mask=first)
+    tl.store(slot + 2, gg, mask=first)
+    tl.store(slot + 3, pu, mask=first)
     if guess >= 0:  # stepped now, under the known or guessed view
-        if MODE == 1:  # a guess: keep what a wrong one needs
-            tl.store(spare_ptr + sp + offs, w_raw, mask=mask)
-            if DIR_STATE >= 0:
-                if guess == 1:
-                    if DIR_STATE == 0:
-                        tl.store(spare2_ptr + sp2 + offs, n0, mask=mask)
-                    else:
-                        tl.store(spare2_ptr + sp2 + offs, n1, mask=mask)
+        if MODE == 1:
+            _keep(spare_ptr, spare2_ptr, offs, mask, w_raw, n0, n1, guess, DIR_STATE)
         channel = guess == 1
         c = tl.where(channel, _coef(pu, pp, eps), 0.0)
         u = tl.where(channel, u - c[:, None] * w, u)
@@ -305,12 +338,63 @@ def _stage_rows(p_ptr, g_ptr, s0_ptr, s1_ptr, rows_ptr, spare_ptr, spare2_ptr, v
 
 
 @triton.jit
+def _stage_long(p_ptr, g_ptr, s0_ptr, s1_ptr, rows_ptr, spare_ptr, spare2_ptr, cols, guess, ss, K, f_none, f_proj,
+                eps, inv,
+                DIRECTION: tl.constexpr, RESTORE: tl.constexpr, NSTATE: tl.constexpr, DIR_STATE: tl.constexpr,
+                RFLAGS: tl.constexpr, MODE: tl.constexpr, HAS_GS: tl.constexpr, MAXIMIZE: tl.constexpr,
+                DECAY: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+    """One row longer than a tile (pointers at its start), in chunks: directions, state and sums; then, when
+    guessed, a second sweep (from the cache) that re-derives the direction from the stored state and steps."""
+    pg = tl.zeros((), tl.float32)
+    pp = tl.zeros((), tl.float32)
+    gg = tl.zeros((), tl.float32)
+    pu = tl.zeros((), tl.float32)
+    for c0 in range(0, cols, CHUNK):
+        offs = tl.arange(0, CHUNK)
+        mask = offs < cols - c0
+        w_raw = tl.load(p_ptr + c0 + offs, mask=mask, other=0.0)
+        w = w_raw.to(tl.float32)
+        g = _grad(g_ptr + c0, offs, mask, inv, HAS_GS, MAXIMIZE)
+        s0, s1 = _load_states(s0_ptr + c0, s1_ptr + c0, offs, mask, NSTATE)
+        u, n0, n1 = DIRECTION(g, s0, s1, K, RFLAGS)
+        _store_states(s0_ptr + c0, s1_ptr + c0, offs, mask, n0, n1, NSTATE)
+        if (MODE == 1) & (guess >= 0):
+            _keep(spare_ptr + c0, spare2_ptr + c0, offs, mask, w_raw, n0, n1, guess, DIR_STATE)
+        pg += tl.sum(w * g)
+        pp += tl.sum(w * w)
+        gg += tl.sum(g * g)
+        pu += tl.sum(w * u)
+    tl.store(rows_ptr, pg)
+    tl.store(rows_ptr + 1, pp)
+    tl.store(rows_ptr + 2, gg)
+    tl.store(rows_ptr + 3, pu)
+    if guess >= 0:
+        channel = guess == 1
+        c = tl.where(channel, _coef(pu, pp, eps), 0.0)
+        f = tl.where(channel, f_proj, f_none)
+        for c0 in range(0, cols, CHUNK):
+            offs = tl.arange(0, CHUNK)
+            mask = offs < cols - c0
+            w_raw = tl.load(p_ptr + c0 + offs, mask=mask, other=0.0)
+            w = w_raw.to(tl.float32)
+            g = _grad(g_ptr + c0, offs, mask, inv, HAS_GS, MAXIMIZE)
+            s0, s1 = _load_states(s0_ptr + c0, s1_ptr + c0, offs, mask, NSTATE)
+            u = RESTORE(g, s0, s1, K, RFLAGS)
+            u = tl.where(channel, u - c * w, u)
+            tl.store(p_ptr + c0 + offs, _step(w, u, f, ss, DECAY).to(w_raw.dtype), mask=mask)
+            if DIR_STATE == 0:
+                tl.store(s0_ptr + c0 + offs, u, mask=mask)
+            if DIR_STATE == 1:
+                tl.store(s1_ptr + c0 + offs, u, mask=mask)
+
+
+@triton.jit
 def stage_kernel(work_ptr, meta_ptr, ptr_ptr, n, like_p, hyp_ptr, lr_ptr, count_ptr, gs_ptr, fi_ptr, rows_ptr,
                  views_ptr, spare_ptr, spare2_ptr,
-                 SCALARS: tl.constexpr, DIRECTION: tl.constexpr, NSTATE: tl.constexpr, DIR_STATE: tl.constexpr,
-                 RFLAGS: tl.constexpr, MODE: tl.constexpr, SPEC: tl.constexpr, STEPS: tl.constexpr,
-                 HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MAXIMIZE: tl.constexpr, DECAY: tl.constexpr,
-                 CB0: tl.constexpr, NCLASS: tl.constexpr, TILE: tl.constexpr, FLAT: tl.constexpr):  # fmt: skip
+                 SCALARS: tl.constexpr, DIRECTION: tl.constexpr, RESTORE: tl.constexpr, NSTATE: tl.constexpr,
+                 DIR_STATE: tl.constexpr, RFLAGS: tl.constexpr, MODE: tl.constexpr, SPEC: tl.constexpr,
+                 STEPS: tl.constexpr, HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MAXIMIZE: tl.constexpr,
+                 DECAY: tl.constexpr, RT: tl.constexpr, CB: tl.constexpr, FLAT: tl.constexpr):  # fmt: skip
     """Launch 1 (one program per tile): directions and state, row sums, and the step where the view is known
     or guessed (see the module docstring)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -319,45 +403,32 @@ def stage_kernel(work_ptr, meta_ptr, ptr_ptr, n, like_p, hyp_ptr, lr_ptr, count_
     b = tl.load(work_ptr + 4 * pid + 2)
     kind = tl.load(work_ptr + 4 * pid + 3)
     if _skipped(fi_ptr, HAS_FI) == 0:
-        numel, rows, cols, seg0, segs, sp, sp2, proj, p_ptr, g_ptr, s0_ptr, s1_ptr = _tensor(
+        numel, rows, cols, row0, k, sp, sp2, proj, p_ptr, g_ptr, s0_ptr, s1_ptr = _tensor(
             meta_ptr, ptr_ptr, n, i, like_p
         )
         t = _count(ptr_ptr, count_ptr, n, i, True, STEPS)
         ss, K, f_none, f_proj, eps, inv = _scalars(hyp_ptr, lr_ptr, gs_ptr, t, SCALARS, RFLAGS, HAS_GS)
-        if kind == NCLASS + 1:
+        if kind == 2:
             _stage_flat(p_ptr, g_ptr, s0_ptr, s1_ptr, numel, a, ss, K, f_none, inv,
                         DIRECTION, NSTATE, RFLAGS, HAS_GS, MAXIMIZE, DECAY, FLAT)  # fmt: skip
-        elif kind == NCLASS:
-            _stage_rows(p_ptr, g_ptr, s0_ptr, s1_ptr, rows_ptr, spare_ptr, spare2_ptr, views_ptr, i, a, b, cols,
-                        seg0, segs, sp, sp2, ss, K, f_none, f_proj, eps, inv, DIRECTION, NSTATE, DIR_STATE, RFLAGS,
-                        MODE, SPEC, HAS_GS, MAXIMIZE, DECAY, 1, CB0 << (NCLASS - 1), True)  # fmt: skip
         else:
-            for k in tl.static_range(NCLASS):
-                if kind == k:
-                    _stage_rows(p_ptr, g_ptr, s0_ptr, s1_ptr, rows_ptr, spare_ptr, spare2_ptr, views_ptr, i, a, b,
-                                cols, seg0, segs, sp, sp2, ss, K, f_none, f_proj, eps, inv, DIRECTION, NSTATE,
-                                DIR_STATE, RFLAGS, MODE, SPEC, HAS_GS, MAXIMIZE, DECAY,
-                                max(TILE // (CB0 << k), 1), CB0 << k, False)  # fmt: skip
+            guess = _guess(MODE, SPEC, tl.load(views_ptr + i).to(tl.int32), sp >= 0)
+            base = a * cols  # the tile's first element (int64)
+            if kind == 0:
+                _stage_tile(p_ptr + base, g_ptr + base, s0_ptr + base, s1_ptr + base, rows_ptr + 4 * row0,
+                            spare_ptr + sp + base, spare2_ptr + sp2 + base, a, b, cols, k, guess, ss, K, f_none,
+                            f_proj, eps, inv, DIRECTION, NSTATE, DIR_STATE, RFLAGS, MODE, HAS_GS, MAXIMIZE, DECAY,
+                            RT, CB)  # fmt: skip
+            else:
+                _stage_long(p_ptr + base, g_ptr + base, s0_ptr + base, s1_ptr + base, rows_ptr + 4 * (row0 + a),
+                            spare_ptr + sp + base, spare2_ptr + sp2 + base, cols, guess, ss, K, f_none, f_proj, eps,
+                            inv, DIRECTION, RESTORE, NSTATE, DIR_STATE, RFLAGS, MODE, HAS_GS, MAXIMIZE, DECAY,
+                            RT * CB)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------
 # decide
 # ----------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _row_sums(rows_ptr, base, segs, m):
-    """The four sums of rows whose first slot is ``base`` (chunks of a split row added in order)."""
-    pg = tl.load(rows_ptr + 4 * base, mask=m, other=0.0)
-    pp = tl.load(rows_ptr + 4 * base + 1, mask=m, other=0.0)
-    gg = tl.load(rows_ptr + 4 * base + 2, mask=m, other=0.0)
-    pu = tl.load(rows_ptr + 4 * base + 3, mask=m, other=0.0)
-    for s in range(1, segs):
-        pg += tl.load(rows_ptr + 4 * (base + s), mask=m, other=0.0)
-        pp += tl.load(rows_ptr + 4 * (base + s) + 1, mask=m, other=0.0)
-        gg += tl.load(rows_ptr + 4 * (base + s) + 2, mask=m, other=0.0)
-        pu += tl.load(rows_ptr + 4 * (base + s) + 3, mask=m, other=0.0)
-    return pg, pp, gg, pu
 
 
 @triton.jit
@@ -376,8 +447,7 @@ def decide_kernel(meta_ptr, ptr_ptr, n, thr_ptr, hyp_ptr, fi_ptr, rows_ptr, rowc
         m_ptr = meta_ptr + META_ * i
         if tl.load(m_ptr + 7) != 0:
             rows = tl.load(m_ptr + 1)
-            seg0 = tl.load(m_ptr + 3)
-            segs = tl.load(m_ptr + 4)
+            row0 = tl.load(m_ptr + 3)
             eps = tl.load(hyp_ptr + 1).to(tl.float32)
             thr_c = tl.load(thr_ptr + 2 * i)
             thr_l = tl.load(thr_ptr + 2 * i + 1)
@@ -389,7 +459,11 @@ def decide_kernel(meta_ptr, ptr_ptr, n, thr_ptr, hyp_ptr, fi_ptr, rows_ptr, rowc
             for r0 in range(0, rows, RBLK):
                 r = r0 + tl.arange(0, RBLK)
                 m = r < rows
-                pg, pp, gg, pu = _row_sums(rows_ptr, seg0 + r * segs, segs, m)
+                slot = rows_ptr + 4 * (row0 + r)
+                pg = tl.load(slot, mask=m, other=0.0)
+                pp = tl.load(slot + 1, mask=m, other=0.0)
+                gg = tl.load(slot + 2, mask=m, other=0.0)
+                pu = tl.load(slot + 3, mask=m, other=0.0)
                 ok = _passes(pg, pp, gg, eps, thr_c)
                 fails += tl.sum(tl.where(m & (ok == 0), 1, 0))
                 tpg += tl.sum(pg)
@@ -406,18 +480,20 @@ def decide_kernel(meta_ptr, ptr_ptr, n, thr_ptr, hyp_ptr, fi_ptr, rows_ptr, rowc
                 channel = fails < 0
                 layer = fails >= 0
             view = tl.where(channel, 1, tl.where(layer, 2, 0))
-            guess = _guess(MODE, SPEC, tl.load(views_ptr + i).to(tl.int32), segs > 1, tl.load(m_ptr + 5) >= 0)
+            guess = _guess(MODE, SPEC, tl.load(views_ptr + i).to(tl.int32), tl.load(m_ptr + 5) >= 0)
             redo = (guess < 0) | (guess != view)
             copied = (guess >= 0) & (MODE == 1)
             tl.store(views_ptr + i, view.to(tl.int8))
-            tl.store(flags_ptr + i, redo.to(tl.int32) + 2 * copied.to(tl.int32) + 4 * (copied & (guess == 1)).to(tl.int32))
+            bits = redo.to(tl.int32) + 2 * copied.to(tl.int32) + 4 * (copied & (guess == 1)).to(tl.int32)
+            tl.store(flags_ptr + i, bits)
             tl.store(tcoef_ptr + i, tl.where(layer & (channel == 0), _coef(tpu, tpp, eps), 0.0))
             if redo & channel:
                 for r0 in range(0, rows, RBLK):
                     r = r0 + tl.arange(0, RBLK)
                     m = r < rows
-                    pg, pp, gg, pu = _row_sums(rows_ptr, seg0 + r * segs, segs, m)
-                    tl.store(rowcoef_ptr + seg0 + r * segs, _coef(pu, pp, eps), mask=m)
+                    slot = rows_ptr + 4 * (row0 + r)
+                    coef = _coef(tl.load(slot + 3, mask=m, other=0.0), tl.load(slot + 1, mask=m, other=0.0), eps)
+                    tl.store(rowcoef_ptr + row0 + r, coef, mask=m)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -426,22 +502,11 @@ def decide_kernel(meta_ptr, ptr_ptr, n, thr_ptr, hyp_ptr, fi_ptr, rows_ptr, rowc
 
 
 @triton.jit
-def _apply_rows(p_ptr, src_ptr, g_ptr, s0_ptr, s1_ptr, d_ptr, rowcoef_ptr, a, b, cols_n, seg0, segs, view, coef_l,
-                ss, K, f_none, f_proj, inv,
-                RESTORE: tl.constexpr, NSTATE: tl.constexpr, DIR_STATE: tl.constexpr, RFLAGS: tl.constexpr,
-                HAS_GS: tl.constexpr, MAXIMIZE: tl.constexpr, DECAY: tl.constexpr, RB: tl.constexpr,
-                CB: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
-    """A tile stepped from the stored state: ``src`` holds the old weights, ``d_ptr`` the direction's state."""
-    if SPLIT:
-        r = a + tl.arange(0, 1)
-        rmask = r == a
-        cols = b * CB + tl.arange(0, CB)
-    else:
-        r = a + tl.arange(0, RB)
-        rmask = tl.arange(0, RB) < b
-        cols = tl.arange(0, CB)
-    offs = r[:, None] * cols_n + cols[None, :]
-    mask = rmask[:, None] & (cols < cols_n)[None, :]
+def _apply_elems(p_ptr, src_ptr, g_ptr, s0_ptr, s1_ptr, d_ptr, offs, mask, c, projected, ss, K, f_none, f_proj, inv,
+                 RESTORE: tl.constexpr, NSTATE: tl.constexpr, DIR_STATE: tl.constexpr, RFLAGS: tl.constexpr,
+                 HAS_GS: tl.constexpr, MAXIMIZE: tl.constexpr, DECAY: tl.constexpr):  # fmt: skip
+    """Elements stepped from the stored state: ``src`` holds the old weights, ``d_ptr`` the direction's state;
+    ``c`` the coefficient (broadcast to the elements)."""
     w = tl.load(src_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = _grad(g_ptr, offs, mask, inv, HAS_GS, MAXIMIZE)
     if DIR_STATE == 0:
@@ -455,10 +520,7 @@ def _apply_rows(p_ptr, src_ptr, g_ptr, s0_ptr, s1_ptr, d_ptr, rowcoef_ptr, a, b,
         else:
             s1 = tl.load(s1_ptr + offs, mask=mask, other=0.0)
     u = RESTORE(g, s0, s1, K, RFLAGS)
-    projected = view > 0
-    c = tl.load(rowcoef_ptr + seg0 + r * segs, mask=rmask, other=0.0)  # written by decide where channel
-    c = tl.where(view == 1, c, coef_l)
-    u = tl.where(projected, u - c[:, None] * w, u)
+    u = tl.where(projected, u - c * w, u)
     f = tl.where(projected, f_proj, f_none)
     tl.store(p_ptr + offs, _step(w, u, f, ss, DECAY).to(p_ptr.dtype.element_ty), mask=mask)
     if DIR_STATE == 0:
@@ -468,12 +530,40 @@ def _apply_rows(p_ptr, src_ptr, g_ptr, s0_ptr, s1_ptr, d_ptr, rowcoef_ptr, a, b,
 
 
 @triton.jit
+def _apply_tile(p_ptr, src_ptr, g_ptr, s0_ptr, s1_ptr, d_ptr, rowcoef_ptr, b, cols, k, view, coef_l, ss, K, f_none,
+                f_proj, inv,
+                RESTORE: tl.constexpr, NSTATE: tl.constexpr, DIR_STATE: tl.constexpr, RFLAGS: tl.constexpr,
+                HAS_GS: tl.constexpr, MAXIMIZE: tl.constexpr, DECAY: tl.constexpr, RT: tl.constexpr,
+                CB: tl.constexpr):  # fmt: skip
+    """Rows of a tile stepped from the stored state (pointers at the tile's first row)."""
+    lr, q, rvalid, mask, offs = _tile(b, cols.to(tl.int32), k.to(tl.int32), RT, CB)
+    c = tl.load(rowcoef_ptr + lr, mask=rvalid, other=0.0)  # written by decide where the view is channel
+    c = tl.where(view == 1, c, coef_l)
+    _apply_elems(p_ptr, src_ptr, g_ptr, s0_ptr, s1_ptr, d_ptr, offs, mask, c[:, None], view > 0, ss, K, f_none,
+                 f_proj, inv, RESTORE, NSTATE, DIR_STATE, RFLAGS, HAS_GS, MAXIMIZE, DECAY)  # fmt: skip
+
+
+@triton.jit
+def _apply_long(p_ptr, src_ptr, g_ptr, s0_ptr, s1_ptr, d_ptr, rowcoef_ptr, cols, view, coef_l, ss, K, f_none, f_proj,
+                inv,
+                RESTORE: tl.constexpr, NSTATE: tl.constexpr, DIR_STATE: tl.constexpr, RFLAGS: tl.constexpr,
+                HAS_GS: tl.constexpr, MAXIMIZE: tl.constexpr, DECAY: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+    """A long row stepped from the stored state, in chunks (pointers at its start)."""
+    c = tl.where(view == 1, tl.load(rowcoef_ptr), coef_l)
+    for c0 in range(0, cols, CHUNK):
+        offs = tl.arange(0, CHUNK)
+        mask = offs < cols - c0
+        _apply_elems(p_ptr + c0, src_ptr + c0, g_ptr + c0, s0_ptr + c0, s1_ptr + c0, d_ptr + c0, offs, mask, c,
+                     view > 0, ss, K, f_none, f_proj, inv, RESTORE, NSTATE, DIR_STATE, RFLAGS, HAS_GS, MAXIMIZE,
+                     DECAY)  # fmt: skip
+
+
+@triton.jit
 def apply_kernel(work_ptr, meta_ptr, ptr_ptr, n, like_p, hyp_ptr, lr_ptr, count_ptr, gs_ptr, fi_ptr, rowcoef_ptr,
                  views_ptr, flags_ptr, tcoef_ptr, spare_ptr, spare2_ptr,
                  SCALARS: tl.constexpr, RESTORE: tl.constexpr, NSTATE: tl.constexpr, DIR_STATE: tl.constexpr,
                  RFLAGS: tl.constexpr, STEPS: tl.constexpr, HAS_GS: tl.constexpr, HAS_FI: tl.constexpr,
-                 MAXIMIZE: tl.constexpr, DECAY: tl.constexpr, CB0: tl.constexpr, NCLASS: tl.constexpr,
-                 TILE: tl.constexpr):  # fmt: skip
+                 MAXIMIZE: tl.constexpr, DECAY: tl.constexpr, RT: tl.constexpr, CB: tl.constexpr):  # fmt: skip
     """Launch 3 (the tiles of projectable tensors): the step of tensors not stepped by stage, or guessed wrong."""
     pid = tl.program_id(0).to(tl.int64)
     i = tl.load(work_ptr + 4 * pid)
@@ -482,32 +572,31 @@ def apply_kernel(work_ptr, meta_ptr, ptr_ptr, n, like_p, hyp_ptr, lr_ptr, count_
         a = tl.load(work_ptr + 4 * pid + 1)
         b = tl.load(work_ptr + 4 * pid + 2)
         kind = tl.load(work_ptr + 4 * pid + 3)
-        numel, rows, cols, seg0, segs, sp, sp2, proj, p_ptr, g_ptr, s0_ptr, s1_ptr = _tensor(
+        numel, rows, cols, row0, k, sp, sp2, proj, p_ptr, g_ptr, s0_ptr, s1_ptr = _tensor(
             meta_ptr, ptr_ptr, n, i, like_p
         )
         t = _count(ptr_ptr, count_ptr, n, i, False, STEPS)
         ss, K, f_none, f_proj, eps, inv = _scalars(hyp_ptr, lr_ptr, gs_ptr, t, SCALARS, RFLAGS, HAS_GS)
         view = tl.load(views_ptr + i).to(tl.int32)
         coef_l = tl.load(tcoef_ptr + i)
-        src_ptr = p_ptr
+        base = a * cols
+        src_ptr = p_ptr + base
         if (fl & 2) != 0:
-            src_ptr = spare_ptr + sp
+            src_ptr = spare_ptr + sp + base
         if DIR_STATE == 1:
-            d_ptr = s1_ptr
+            d_ptr = s1_ptr + base
         else:
-            d_ptr = s0_ptr
+            d_ptr = s0_ptr + base
         if (fl & 4) != 0:
-            d_ptr = spare2_ptr + sp2
-        if kind == NCLASS:
-            _apply_rows(p_ptr, src_ptr, g_ptr, s0_ptr, s1_ptr, d_ptr, rowcoef_ptr, a, b, cols, seg0, segs, view,
-                        coef_l, ss, K, f_none, f_proj, inv, RESTORE, NSTATE, DIR_STATE, RFLAGS, HAS_GS, MAXIMIZE,
-                        DECAY, 1, CB0 << (NCLASS - 1), True)  # fmt: skip
+            d_ptr = spare2_ptr + sp2 + base
+        if kind == 0:
+            _apply_tile(p_ptr + base, src_ptr, g_ptr + base, s0_ptr + base, s1_ptr + base, d_ptr,
+                        rowcoef_ptr + row0 + a, b, cols, k, view, coef_l, ss, K, f_none, f_proj, inv, RESTORE, NSTATE,
+                        DIR_STATE, RFLAGS, HAS_GS, MAXIMIZE, DECAY, RT, CB)  # fmt: skip
         else:
-            for k in tl.static_range(NCLASS):
-                if kind == k:
-                    _apply_rows(p_ptr, src_ptr, g_ptr, s0_ptr, s1_ptr, d_ptr, rowcoef_ptr, a, b, cols, seg0, segs,
-                                view, coef_l, ss, K, f_none, f_proj, inv, RESTORE, NSTATE, DIR_STATE, RFLAGS, HAS_GS,
-                                MAXIMIZE, DECAY, max(TILE // (CB0 << k), 1), CB0 << k, False)  # fmt: skip
+            _apply_long(p_ptr + base, src_ptr, g_ptr + base, s0_ptr + base, s1_ptr + base, d_ptr,
+                        rowcoef_ptr + row0 + a, cols, view, coef_l, ss, K, f_none, f_proj, inv, RESTORE, NSTATE,
+                        DIR_STATE, RFLAGS, HAS_GS, MAXIMIZE, DECAY, RT * CB)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -537,35 +626,34 @@ class Layout:
         meta: list[list[int]] = []
         proj_work: list[list[int]] = []
         flat_work: list[list[int]] = []
-        seg = 0
+        row0 = 0
         sp_off = sp2_off = 0
-        cmax, tile = config.cmax, config.tile
         for i, (shape, proj) in enumerate(zip(shapes, projectable, strict=True)):
             numel = math.prod(shape)
             if proj:
                 rows = shape[0]
                 cols = numel // rows
-                segs = 1 if cols <= cmax else -(-cols // cmax)
+                k = -(-cols // config.cb)
                 sp = sp2 = -1
                 if spare and spare[i]:
                     sp, sp_off = sp_off, sp_off + numel
                 if spare2 and spare2[i]:
                     sp2, sp2_off = sp2_off, sp2_off + numel
-                meta.append([numel, rows, cols, seg, segs, sp, sp2, 1])
-                if segs == 1:
-                    k = max(0, (cols - 1).bit_length() - (config.cb0 - 1).bit_length())
-                    per = max(1, tile // (config.cb0 << k))
-                    proj_work += [[i, a, min(per, rows - a), k] for a in range(0, rows, per)]
-                else:
-                    proj_work += [[i, r, s, config.nclass] for r in range(rows) for s in range(segs)]
-                seg += rows * segs
+                if k <= config.rt:  # whole rows in a tile
+                    per = config.rt // k
+                    meta.append([numel, rows, cols, row0, k, sp, sp2, 1])
+                    proj_work += [[i, a, min(per, rows - a), 0] for a in range(0, rows, per)]
+                else:  # a long row per program
+                    meta.append([numel, rows, cols, row0, 0, sp, sp2, 1])
+                    proj_work += [[i, r, 1, 1] for r in range(rows)]
+                row0 += rows
             else:
                 meta.append([numel, 1, numel, 0, 0, -1, -1, 0])
-                flat_work += [[i, a, 0, config.nclass + 1] for a in range(0, numel, config.flat)]
+                flat_work += [[i, a, 0, 2] for a in range(0, numel, config.flat)]
         self.meta = meta
         self.work = proj_work + flat_work
         self.proj_items = len(proj_work)
-        self.segments = seg
+        self.rows = row0
         self.spare_numel = sp_off
         self.spare2_numel = sp2_off
         self.any_projectable = any(projectable)
@@ -611,8 +699,8 @@ class Buffers:
         self.ptrs = torch.zeros(PTRS, max(n, 1), **i64)  # type: ignore[arg-type]
         self.thr = torch.zeros(max(n, 1), 2, dtype=torch.float32, device=device)
         self.hyp = torch.zeros(hyp_len, dtype=torch.float64, device=device)
-        self.rows = torch.empty(max(layout.segments, 1), 4, dtype=torch.float32, device=device)
-        self.rowcoef = torch.empty(max(layout.segments, 1), dtype=torch.float32, device=device)
+        self.rows = torch.empty(max(layout.rows, 1), 4, dtype=torch.float32, device=device)
+        self.rowcoef = torch.empty(max(layout.rows, 1), dtype=torch.float32, device=device)
         # the view of each tensor at its last step: the guesses of the next (-1: none yet; 0 where never projected)
         views = [-1 if m[7] else 0 for m in layout.meta]
         self.views = torch.tensor(views or [0], dtype=torch.int8, device=device)
@@ -645,14 +733,14 @@ def launch(layout: Layout, buf: Buffers, like_p: Tensor, rule: Any, x: Launch) -
         HAS_FI=x.found_inf is not None,
         MAXIMIZE=x.maximize,
         DECAY=x.decay,
-        CB0=cfg.cb0,
-        NCLASS=cfg.nclass,
-        TILE=cfg.tile,
+        RT=cfg.rt,
+        CB=cfg.cb,
     )
     if layout.work:
         stage_kernel[(len(layout.work),)](
             buf.work, buf.meta, buf.ptrs, n, like_p, buf.hyp, x.lr, buf.counts, gs, fi, buf.rows, buf.views,
-            buf.spare, buf.spare2, DIRECTION=rule.direction, MODE=x.mode, SPEC=x.spec, FLAT=cfg.flat,
+            buf.spare, buf.spare2, DIRECTION=rule.direction, RESTORE=rule.restore, MODE=x.mode, SPEC=x.spec,
+            FLAT=cfg.flat,
             **common, **opts,
         )  # fmt: skip
     if layout.any_projectable or x.steps == STEPS_DEVICE:
