@@ -20,7 +20,9 @@ and calls ``opt.step()`` unconditionally; the step unscales and skips on the dev
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,7 +35,10 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 import torch_adamp
 
-PATHS = ("single", "foreach", "native", "compile")
+#: the Triton back end runs here only in Triton's interpreter (TRITON_INTERPRET=1 before triton is imported: the
+#: separate run of .ci/run, which selects its cases with -k triton)
+TRITON = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+PATHS = ("single", "foreach", "native", "compile") + (("triton",) if TRITON else ())
 OPTIONS: list[tuple[type, dict[str, Any]]] = [
     (torch_adamp.AdamP, dict(lr=1e-2, weight_decay=0.1)),
     (torch_adamp.AdamP, dict(lr=1e-2, nesterov=True, maximize=True, wd_ratio=0.5, weight_decay=0.01)),
@@ -81,7 +86,7 @@ def path_kwargs(path: str) -> dict[str, Any]:
 
 def backend(path: str, *opts: Any) -> Any:
     """The back end of ``fused=True`` for ``opts`` and optimizers built inside."""
-    return helpers.fused_backend("compile" if path == "compile" else "auto", *opts)
+    return helpers.fused_backend(path if path in ("compile", "triton") else "auto", *opts)
 
 
 def params(dtype: torch.dtype = torch.float32, shapes: list[tuple[int, ...]] = SHAPES) -> list[torch.nn.Parameter]:
@@ -483,7 +488,7 @@ def host_reads_in_step(scaler: torch.amp.GradScaler, opt: Any) -> tuple[list[str
 
 
 @pytest.mark.parametrize("capturable", [False, True])
-@pytest.mark.parametrize("path", ["single", "foreach", "native"])
+@pytest.mark.parametrize("path", ["single", "foreach", "native"] + (["triton"] if TRITON else []))
 @pytest.mark.parametrize(("cls", "kw"), OPTIONS, ids=IDS)
 def test_no_host_read_of_found_inf(cls: type, kw: dict[str, Any], path: str, capturable: bool) -> None:
     """Zero host reads of found_inf/grad_scale, or of anything computed from them, inside ``scaler.step``,

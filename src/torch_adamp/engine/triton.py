@@ -42,7 +42,7 @@ SPECULATE = True
 #: the most bytes of spare blocks (old weights kept for a wrong guess) of one list of parameters; tensors past
 #: it take two passes
 SPARE_MAX_BYTES = 16 << 30
-#: the tiles of new plans where not the GPU's (tests: ``driver.SMALL`` makes small tensors take every kind of tile)
+#: the tiles of new plans, where set (tests: ``driver.GPU`` on the CPU, ``driver.SMALL`` for every kind of tile)
 CONFIG: Any = None
 #: steps counted on the host even where the counters are on the parameters' device (tests: the CUDA case on the CPU)
 FORCE_HOST_STEPS = False
@@ -74,8 +74,11 @@ def takes(rule: Rule[Any], o: Options, params: Sequence[Tensor], backend: Backen
         ok = backend.fused in ("auto", "native", "triton")
     else:
         ok = device == "cpu" and backend.fused == "triton"
-    if not ok or torch.compiler.is_compiling():
-        return False
+    return ok and not torch.compiler.is_compiling() and _plain(params)
+
+
+def _plain(params: Sequence[Tensor]) -> bool:
+    """Tensors whose memory the kernels can read (not subclasses: DTensor shards, fake tensors)."""
     return all(type(p) is Tensor or type(p) is torch.nn.Parameter for p in params)
 
 
@@ -138,8 +141,11 @@ def _steps_kind(t: Bundle) -> int:
 
 
 def _config(device: torch.device) -> Any:
-    """The tiles: a GPU's (the interpreter runs them too), or :data:`CONFIG` where a test sets it."""
-    return CONFIG if CONFIG is not None else _driver().GPU
+    """The tiles: :data:`CONFIG` where set (tests), else the interpreter's on the CPU, a GPU's elsewhere."""
+    if CONFIG is not None:
+        return CONFIG
+    driver = _driver()
+    return driver.INTERPRETER if device.type == "cpu" else driver.GPU
 
 
 class Plan:
@@ -193,7 +199,7 @@ class Plan:
         self.grad_ptrs: list[int] = []
         self.values: tuple[Any, ...] | None = None
         self.delta: float | None = None
-        self.buf.ptrs.copy_(table, non_blocking=True)
+        driver.upload(self.buf.ptrs, table)
 
     def matches(self, t: Bundle, o: Options, steps: int) -> bool:
         """Whether ``t`` holds the same parameters (same storage), state tensors and counters as when it was
@@ -222,7 +228,7 @@ class Plan:
         grad_ptrs = list(map(Tensor.data_ptr, t.grads))
         if grad_ptrs != self.grad_ptrs:
             self.table[1, :n] = torch.tensor(grad_ptrs, dtype=torch.int64)
-            self.buf.ptrs[1].copy_(self.table[1], non_blocking=True)
+            driver.upload(self.buf.ptrs.narrow(0, 1, 1), self.table.narrow(0, 1, 1))
             self.grad_ptrs = grad_ptrs
         lr = o.lr
         if isinstance(lr, Tensor) and lr.device != device:
@@ -230,15 +236,15 @@ class Plan:
         lr_value = lr if not isinstance(lr, Tensor) else 0.0
         values = (lr_value, o.eps, o.weight_decay, o.wd_ratio, self.rule.wd_divisor(o), *self.mod.hyper(o))
         if values != self.values:
-            self.buf.hyp.copy_(torch.tensor([float(v) for v in values], dtype=torch.float64), non_blocking=True)
+            driver.upload(self.buf.hyp, torch.tensor([float(v) for v in values], dtype=torch.float64))
             self.values = values
         if o.delta != self.delta:
             thr = driver.thresholds(self.shapes, float(o.delta)) or [[0.0, 0.0]]
-            self.buf.thr.copy_(torch.tensor(thr, dtype=torch.float64).float(), non_blocking=True)
+            driver.upload(self.buf.thr, torch.tensor(thr, dtype=torch.float64).float())
             self.delta = o.delta
         if self.steps == driver.STEPS_HOST and t.steps is not None:
             torch._foreach_add_(list(t.steps), 1.0)
-            self.buf.counts[:n].copy_(torch.stack([s.reshape(()) for s in t.steps]), non_blocking=True)
+            driver.upload(self.buf.counts.narrow(0, 0, n), torch.stack([s.reshape(()) for s in t.steps]))
 
         def here(x: Tensor | None) -> Tensor | None:
             return None if x is None else x.to(device=device, non_blocking=True)
@@ -258,7 +264,7 @@ class Plan:
         )
         driver.launch(self.layout, self.buf, self.params[0], self.mod, x)
         _bump_versions(self.params)
-        return self.buf.views[:n]
+        return self.buf.views.narrow(0, 0, n)
 
 
 def _bump_versions(tensors: list[Tensor]) -> None:

@@ -92,6 +92,8 @@ class Config:
 GPU = Config()
 #: small tiles, so that small tensors exercise every kind of tile (rows in several tile rows, long rows)
 SMALL = Config(rt=4, cb=8, flat=32, rblk=4, num_warps=1)
+#: the interpreter's default: large tiles (its cost is per program and per operation, not per element)
+INTERPRETER = Config(rt=64, cb=1024, flat=65536, rblk=4096, num_warps=1)
 
 
 def interpreted() -> bool:
@@ -219,6 +221,21 @@ def _store_states(s0_ptr, s1_ptr, offs, mask, n0, n1, NSTATE: tl.constexpr):
 
 
 @triton.jit
+def _rounded(x, dtype: tl.constexpr):
+    """float32 ``x`` rounded to the parameters' dtype, to nearest even (as torch's ``copy_``). bfloat16 by
+    integer arithmetic, the same bits in the interpreter (whose conversion truncates) and on a GPU; NaN
+    becomes torch's 0x7FC0."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        up = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        up = tl.where(x != x, 0x7FC0, up)
+        out = up.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = x.to(dtype)
+    return out
+
+
+@triton.jit
 def _step(w, u, f, ss, DECAY: tl.constexpr):
     """``w f + s u``: ``p.mul_(f)`` then ``p.add_(u, alpha=s)`` (one FMA, as torch's CPU ``add_``)."""
     if DECAY:
@@ -296,7 +313,7 @@ def _stage_flat(p_ptr, g_ptr, s0_ptr, s1_ptr, numel, a, ss, K, f_none, inv,
     s0, s1 = _load_states(s0_ptr, s1_ptr, offs, mask, NSTATE)
     u, n0, n1 = DIRECTION(g, s0, s1, K, RFLAGS)
     _store_states(s0_ptr, s1_ptr, offs, mask, n0, n1, NSTATE)
-    tl.store(p_ptr + offs, _step(w_raw.to(tl.float32), u, f_none, ss, DECAY).to(w_raw.dtype), mask=mask)
+    tl.store(p_ptr + offs, _rounded(_step(w_raw.to(tl.float32), u, f_none, ss, DECAY), w_raw.dtype), mask=mask)
 
 
 @triton.jit
@@ -329,7 +346,7 @@ def _stage_tile(p_ptr, g_ptr, s0_ptr, s1_ptr, rows_ptr, spare_ptr, spare2_ptr, a
         c = tl.where(channel, _coef(pu, pp, eps), 0.0)
         u = tl.where(channel, u - c[:, None] * w, u)
         f = tl.where(channel, f_proj, f_none)
-        tl.store(p_ptr + offs, _step(w, u, f, ss, DECAY).to(w_raw.dtype), mask=mask)
+        tl.store(p_ptr + offs, _rounded(_step(w, u, f, ss, DECAY), w_raw.dtype), mask=mask)
         if DIR_STATE == 0:
             n0 = u
         if DIR_STATE == 1:
@@ -381,7 +398,7 @@ def _stage_long(p_ptr, g_ptr, s0_ptr, s1_ptr, rows_ptr, spare_ptr, spare2_ptr, c
             s0, s1 = _load_states(s0_ptr + c0, s1_ptr + c0, offs, mask, NSTATE)
             u = RESTORE(g, s0, s1, K, RFLAGS)
             u = tl.where(channel, u - c * w, u)
-            tl.store(p_ptr + c0 + offs, _step(w, u, f, ss, DECAY).to(w_raw.dtype), mask=mask)
+            tl.store(p_ptr + c0 + offs, _rounded(_step(w, u, f, ss, DECAY), w_raw.dtype), mask=mask)
             if DIR_STATE == 0:
                 tl.store(s0_ptr + c0 + offs, u, mask=mask)
             if DIR_STATE == 1:
@@ -522,7 +539,7 @@ def _apply_elems(p_ptr, src_ptr, g_ptr, s0_ptr, s1_ptr, d_ptr, offs, mask, c, pr
     u = RESTORE(g, s0, s1, K, RFLAGS)
     u = tl.where(projected, u - c * w, u)
     f = tl.where(projected, f_proj, f_none)
-    tl.store(p_ptr + offs, _step(w, u, f, ss, DECAY).to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + offs, _rounded(_step(w, u, f, ss, DECAY), p_ptr.dtype.element_ty), mask=mask)
     if DIR_STATE == 0:
         tl.store(s0_ptr + offs, u, mask=mask)
     if DIR_STATE == 1:
@@ -688,14 +705,23 @@ class Launch:
     dir_state: int
 
 
+def upload(dst: Tensor, src: Tensor) -> None:
+    """Host values to the device, asynchronously: every copy the back end makes (a pageable source is staged by
+    the CUDA driver before the call returns, so it may be freed or changed at once; nothing waits)."""
+    dst.copy_(src, non_blocking=True)
+
+
 class Buffers:
     """The device tensors of a :class:`Layout` (tables, row sums, views, coefficients, spare blocks)."""
 
     def __init__(self, layout: Layout, device: torch.device, param_dtype: torch.dtype, hyp_len: int) -> None:
         n = layout.n
         i64 = dict(dtype=torch.int64, device=device)
-        self.work = torch.tensor(layout.work, **i64).reshape(-1, 4)  # type: ignore[arg-type]
-        self.meta = torch.tensor(layout.meta, **i64).reshape(-1, META)  # type: ignore[arg-type]
+        # host tables uploaded asynchronously (a synchronous copy would stall, and fail under sync debug mode)
+        self.work = torch.empty(max(len(layout.work), 1), 4, **i64)  # type: ignore[arg-type]
+        upload(self.work.narrow(0, 0, len(layout.work)), torch.tensor(layout.work, dtype=torch.int64).reshape(-1, 4))
+        self.meta = torch.empty(max(n, 1), META, **i64)  # type: ignore[arg-type]
+        upload(self.meta.narrow(0, 0, n), torch.tensor(layout.meta, dtype=torch.int64).reshape(-1, META))
         self.ptrs = torch.zeros(PTRS, max(n, 1), **i64)  # type: ignore[arg-type]
         self.thr = torch.zeros(max(n, 1), 2, dtype=torch.float32, device=device)
         self.hyp = torch.zeros(hyp_len, dtype=torch.float64, device=device)
@@ -703,7 +729,8 @@ class Buffers:
         self.rowcoef = torch.empty(max(layout.rows, 1), dtype=torch.float32, device=device)
         # the view of each tensor at its last step: the guesses of the next (-1: none yet; 0 where never projected)
         views = [-1 if m[7] else 0 for m in layout.meta]
-        self.views = torch.tensor(views or [0], dtype=torch.int8, device=device)
+        self.views = torch.zeros(max(n, 1), dtype=torch.int8, device=device)
+        upload(self.views.narrow(0, 0, n), torch.tensor(views, dtype=torch.int8))
         self.flags = torch.zeros(max(n, 1), dtype=torch.int32, device=device)
         self.tcoef = torch.zeros(max(n, 1), dtype=torch.float32, device=device)
         self.counts = torch.zeros(max(n, 1), dtype=torch.float32, device=device)
@@ -716,15 +743,18 @@ def compile_options(config: Config) -> dict[str, Any]:
     return {"num_warps": config.num_warps, "enable_fp_fusion": False}
 
 
-def launch(layout: Layout, buf: Buffers, like_p: Tensor, rule: Any, x: Launch) -> None:
-    """The three kernels of one step (``rule``: the rule's Triton module)."""
-    cfg = layout.config
-    n = layout.n
-    opts = compile_options(cfg)
-    gs = x.grad_scale if x.grad_scale is not None else buf.hyp
-    fi = x.found_inf if x.found_inf is not None else buf.hyp
-    common = dict(
+#: the three kernels, in launch order
+KERNELS = ("stage", "decide", "apply")
+
+
+def constexprs(kernel: str, rule: Any, x: Launch, config: Config) -> dict[str, Any]:
+    """The compile-time arguments of ``kernel`` for a step ``x`` of ``rule`` (its Triton module): what
+    :func:`launch` passes, and what ``benchmarks/triton_compile.py`` compiles ahead of time."""
+    if kernel == "decide":
+        return dict(MODE=x.mode, SPEC=x.spec, STEPS=x.steps, HAS_FI=x.found_inf is not None, RBLK=config.rblk)
+    out = dict(
         SCALARS=rule.scalars,
+        RESTORE=rule.restore,
         NSTATE=rule.NSTATE,
         DIR_STATE=x.dir_state,
         RFLAGS=x.rflags,
@@ -733,23 +763,33 @@ def launch(layout: Layout, buf: Buffers, like_p: Tensor, rule: Any, x: Launch) -
         HAS_FI=x.found_inf is not None,
         MAXIMIZE=x.maximize,
         DECAY=x.decay,
-        RT=cfg.rt,
-        CB=cfg.cb,
+        RT=config.rt,
+        CB=config.cb,
     )
+    if kernel == "stage":
+        out.update(DIRECTION=rule.direction, MODE=x.mode, SPEC=x.spec, FLAT=config.flat)
+    return out
+
+
+def launch(layout: Layout, buf: Buffers, like_p: Tensor, rule: Any, x: Launch) -> None:
+    """The three kernels of one step (``rule``: the rule's Triton module)."""
+    cfg = layout.config
+    n = layout.n
+    opts = compile_options(cfg)
+    gs = x.grad_scale if x.grad_scale is not None else buf.hyp
+    fi = x.found_inf if x.found_inf is not None else buf.hyp
     if layout.work:
         stage_kernel[(len(layout.work),)](
             buf.work, buf.meta, buf.ptrs, n, like_p, buf.hyp, x.lr, buf.counts, gs, fi, buf.rows, buf.views,
-            buf.spare, buf.spare2, DIRECTION=rule.direction, RESTORE=rule.restore, MODE=x.mode, SPEC=x.spec,
-            FLAT=cfg.flat,
-            **common, **opts,
+            buf.spare, buf.spare2, **constexprs("stage", rule, x, cfg), **opts,
         )  # fmt: skip
     if layout.any_projectable or x.steps == STEPS_DEVICE:
         decide_kernel[(n,)](
             buf.meta, buf.ptrs, n, buf.thr, buf.hyp, fi, buf.rows, buf.rowcoef, buf.views, buf.flags, buf.tcoef,
-            MODE=x.mode, SPEC=x.spec, STEPS=x.steps, HAS_FI=x.found_inf is not None, RBLK=cfg.rblk, **opts,
+            **constexprs("decide", rule, x, cfg), **opts,
         )  # fmt: skip
     if layout.proj_items:
         apply_kernel[(layout.proj_items,)](
             buf.work, buf.meta, buf.ptrs, n, like_p, buf.hyp, x.lr, buf.counts, gs, fi, buf.rowcoef, buf.views,
-            buf.flags, buf.tcoef, buf.spare, buf.spare2, RESTORE=rule.restore, **common, **opts,
+            buf.flags, buf.tcoef, buf.spare, buf.spare2, **constexprs("apply", rule, x, cfg), **opts,
         )  # fmt: skip
