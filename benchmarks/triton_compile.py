@@ -99,7 +99,8 @@ def variants(quick: bool) -> list[Variant]:
     ]
     if quick:
         return out
-    return out + [
+    return [
+        *out,
         Variant("bf16 amp nesterov maximize host-steps", "adamp", "bf16",
                 {**adamp, "steps": 2, "gs": True, "fi": True, "maximize": True, "rflags": 1, "decay": False}),
         Variant("fp16 channel", "adamp", "fp16", {**adamp, "mode": 2}),
@@ -212,10 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     counts = []
     for fusion in (False, True):
         opts = {**driver.compile_options(config), "enable_fp_fusion": fusion}
-        ptx = compile_one(kernels["stage"], driver.constexprs("stage", mod, x, config), types, caps[-1], opts).asm["ptx"]
+        ptx = compile_one(kernels["stage"], driver.constexprs("stage", mod, x, config), types, caps[-1], opts).asm[
+            "ptx"
+        ]
         counts.append(len(re.findall(r"\bfma\.rn\.f32\b", ptx)))
-    print(f"fp fusion: {v.rule} stage has {counts[0]} fma.rn.f32 as launched (enable_fp_fusion=False: the explicit "
-          f"tl.fma only), {counts[1]} with fusion on")
+    print(
+        f"fp fusion: {v.rule} stage has {counts[0]} fma.rn.f32 as launched (enable_fp_fusion=False: the explicit "
+        f"tl.fma only), {counts[1]} with fusion on"
+    )
     ok &= counts[0] < counts[1]
     print(f"compiled in {time.perf_counter() - total:.0f} s: {'ok' if ok else 'FAILED'}")
     return 0 if ok else 1

@@ -25,6 +25,7 @@ LAYERS = {
     "projection": 0.5,
     "rule": 1,
     "diagnostics": 1,
+    "triton": 1.5,
     "engine": 2,
     "distributed": 3,
     "stats": 3.5,

@@ -43,8 +43,13 @@ interpreted = pytest.mark.skipif(
 )
 
 #: the tiles of the tests: the GPU's (the constants compiled for sm_80/sm_90), and small ones that make small
-#: tensors take every kind of tile (a row in several tile rows, several rows per tile, long rows in chunks)
-CONFIGS = ["gpu", "small"]
+#: tensors take every kind of tile (a row in several tile rows, several rows per tile, long rows in chunks);
+#: the interpreter's cost is per program, so the small tiles run a subset of the cases
+
+
+def with_configs(cases: list[Any], small: int) -> list[Any]:
+    """Every case on the GPU's tiles, the first ``small`` on the small ones."""
+    return [pytest.param(c, "gpu") for c in cases] + [pytest.param(c, "small") for c in cases[:small]]
 
 
 @contextlib.contextmanager
@@ -83,8 +88,7 @@ def plans(opt: Any) -> list[Any]:
 
 
 @interpreted
-@pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("options", ADAMP_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize(("options", "config"), with_configs(ADAMP_OPTIONS, 3), ids=str)
 def test_adamp_matches_multi_tensor(options: dict[str, Any], config: str) -> None:
     ref, ref_views = run(lambda ps: torch_adamp.AdamP(ps, lr=1e-2, foreach=True, track_stats=True, **options))
     got, views = triton_run(lambda ps: torch_adamp.AdamP(ps, lr=1e-2, fused=True, track_stats=True, **options), config)
@@ -95,8 +99,7 @@ def test_adamp_matches_multi_tensor(options: dict[str, Any], config: str) -> Non
 
 
 @interpreted
-@pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("options", SGDP_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize(("options", "config"), with_configs(SGDP_OPTIONS, 3), ids=str)
 def test_sgdp_matches_multi_tensor(options: dict[str, Any], config: str) -> None:
     ref, ref_views = run(lambda ps: torch_adamp.SGDP(ps, lr=1e-2, foreach=True, track_stats=True, **options))
     got, views = triton_run(lambda ps: torch_adamp.SGDP(ps, lr=1e-2, fused=True, track_stats=True, **options), config)
@@ -168,7 +171,9 @@ def test_refused_tensors_take_the_multi_tensor_path() -> None:
     assert id(opt.param_groups[0]["params"][1]) not in taken  # transposed
     for dtype, kw in ((torch.float64, {}), (torch.bfloat16, {"fp32_state": False})):
         ref, ref_views = run(lambda ps, kw=kw: torch_adamp.AdamP(ps, foreach=True, track_stats=True, **kw), dtype=dtype)
-        got, views = triton_run(lambda ps, kw=kw: torch_adamp.AdamP(ps, fused=True, track_stats=True, **kw), dtype=dtype)
+        got, views = triton_run(
+            lambda ps, kw=kw: torch_adamp.AdamP(ps, fused=True, track_stats=True, **kw), dtype=dtype
+        )
         assert views == ref_views and rel(got, ref) == 0.0
 
 
@@ -198,7 +203,9 @@ def _spec_run(kind: str, options: dict[str, Any], speculate: bool, config: str) 
         right = wrong = 0
         with triton_backend(config):
             if kind == "adamp":
-                opt: Any = torch_adamp.AdamP(params, lr=3e-2, weight_decay=1e-2, fused=True, track_stats=True, **options)
+                opt: Any = torch_adamp.AdamP(
+                    params, lr=3e-2, weight_decay=1e-2, fused=True, track_stats=True, **options
+                )
             else:
                 opt = torch_adamp.SGDP(params, lr=0.1, weight_decay=1e-3, fused=True, track_stats=True, **options)
             views = []
@@ -219,11 +226,13 @@ def _spec_run(kind: str, options: dict[str, Any], speculate: bool, config: str) 
 
 
 @interpreted
-@pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize(("kind", "options"), SPEC_CASES, ids=[f"{k}-{o}" for k, o in SPEC_CASES])
-def test_speculation_changes_no_bit(kind: str, options: dict[str, Any], config: str) -> None:
+@pytest.mark.parametrize(
+    ("case", "config"), [*with_configs(SPEC_CASES, 2), pytest.param(SPEC_CASES[3], "small")], ids=str
+)
+def test_speculation_changes_no_bit(case: tuple[str, dict[str, Any]], config: str) -> None:
     """Right and wrong guesses of both kinds (channel and none; a channel guess failing on the last rows,
     'late'), on tiles of whole rows and on long rows: the same bits and views as without speculation."""
+    kind, options = case
     got, views, right, wrong = _spec_run(kind, options, True, config)
     ref, ref_views, r0, w0 = _spec_run(kind, options, False, config)
     assert views == ref_views
@@ -318,7 +327,11 @@ def test_functional_api_without_workspace() -> None:
     out = []
     for fused in (True, False):
         ps = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
-        m, v, steps = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps], [torch.zeros(()) for _ in ps]
+        m, v, steps = (
+            [torch.zeros_like(p) for p in ps],
+            [torch.zeros_like(p) for p in ps],
+            [torch.zeros(()) for _ in ps],
+        )
         with triton_backend():
             for k in range(3):
                 gs = [torch.randn(s, generator=torch.Generator().manual_seed(10 * k + i)) for i, s in enumerate(shapes)]

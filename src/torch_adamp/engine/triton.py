@@ -102,7 +102,8 @@ def _rows_outermost(t: Tensor, projectable: bool) -> bool:
 
 def _split(t: Bundle, nstate: int, mode: Any) -> tuple[list[int], list[int]]:
     """Indices of the tensors of a same-dtype bucket the kernels take, and of those they refuse."""
-    taken, refused = [], []
+    taken: list[int] = []
+    refused: list[int] = []
     dtype = t.params[0].dtype
     device = t.params[0].device
     for i, p in enumerate(t.params):
@@ -264,7 +265,8 @@ class Plan:
         )
         driver.launch(self.layout, self.buf, self.params[0], self.mod, x)
         _bump_versions(self.params)
-        return self.buf.views.narrow(0, 0, n)
+        views: Tensor = self.buf.views.narrow(0, 0, n)
+        return views
 
 
 def _bump_versions(tensors: list[Tensor]) -> None:

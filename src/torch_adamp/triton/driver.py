@@ -166,7 +166,6 @@ def _tensor(meta_ptr, ptr_ptr, n, i, like_p):
     return numel, rows, cols, row0, k, sp, sp2, proj, p_ptr, g_ptr, s0_ptr, s1_ptr
 
 
-
 @triton.jit
 def _count(ptr_ptr, count_ptr, n, i, ADVANCE: tl.constexpr, STEPS: tl.constexpr):
     """The step count ``t`` of tensor ``i`` this step, as float64 (``ADVANCE``: the device counter is not yet
@@ -200,7 +199,6 @@ def _scalars(hyp_ptr, lr_ptr, gs_ptr, t, SCALARS: tl.constexpr, RFLAGS: tl.const
     else:
         inv = tl.full((), 1.0, tl.float32)
     return ss, K, f_none, f_proj, eps, inv
-
 
 
 @triton.jit
@@ -420,7 +418,7 @@ def stage_kernel(work_ptr, meta_ptr, ptr_ptr, n, like_p, hyp_ptr, lr_ptr, count_
     b = tl.load(work_ptr + 4 * pid + 2)
     kind = tl.load(work_ptr + 4 * pid + 3)
     if _skipped(fi_ptr, HAS_FI) == 0:
-        numel, rows, cols, row0, k, sp, sp2, proj, p_ptr, g_ptr, s0_ptr, s1_ptr = _tensor(
+        numel, _rows, cols, row0, k, sp, sp2, _proj, p_ptr, g_ptr, s0_ptr, s1_ptr = _tensor(
             meta_ptr, ptr_ptr, n, i, like_p
         )
         t = _count(ptr_ptr, count_ptr, n, i, True, STEPS)
@@ -553,7 +551,7 @@ def _apply_tile(p_ptr, src_ptr, g_ptr, s0_ptr, s1_ptr, d_ptr, rowcoef_ptr, b, co
                 HAS_GS: tl.constexpr, MAXIMIZE: tl.constexpr, DECAY: tl.constexpr, RT: tl.constexpr,
                 CB: tl.constexpr):  # fmt: skip
     """Rows of a tile stepped from the stored state (pointers at the tile's first row)."""
-    lr, q, rvalid, mask, offs = _tile(b, cols.to(tl.int32), k.to(tl.int32), RT, CB)
+    lr, _q, rvalid, mask, offs = _tile(b, cols.to(tl.int32), k.to(tl.int32), RT, CB)
     c = tl.load(rowcoef_ptr + lr, mask=rvalid, other=0.0)  # written by decide where the view is channel
     c = tl.where(view == 1, c, coef_l)
     _apply_elems(p_ptr, src_ptr, g_ptr, s0_ptr, s1_ptr, d_ptr, offs, mask, c[:, None], view > 0, ss, K, f_none,
@@ -589,11 +587,11 @@ def apply_kernel(work_ptr, meta_ptr, ptr_ptr, n, like_p, hyp_ptr, lr_ptr, count_
         a = tl.load(work_ptr + 4 * pid + 1)
         b = tl.load(work_ptr + 4 * pid + 2)
         kind = tl.load(work_ptr + 4 * pid + 3)
-        numel, rows, cols, row0, k, sp, sp2, proj, p_ptr, g_ptr, s0_ptr, s1_ptr = _tensor(
+        _numel, _rows, cols, row0, k, sp, sp2, _proj, p_ptr, g_ptr, s0_ptr, s1_ptr = _tensor(
             meta_ptr, ptr_ptr, n, i, like_p
         )
         t = _count(ptr_ptr, count_ptr, n, i, False, STEPS)
-        ss, K, f_none, f_proj, eps, inv = _scalars(hyp_ptr, lr_ptr, gs_ptr, t, SCALARS, RFLAGS, HAS_GS)
+        ss, K, f_none, f_proj, _eps, inv = _scalars(hyp_ptr, lr_ptr, gs_ptr, t, SCALARS, RFLAGS, HAS_GS)
         view = tl.load(views_ptr + i).to(tl.int32)
         coef_l = tl.load(tcoef_ptr + i)
         base = a * cols
@@ -716,13 +714,13 @@ class Buffers:
 
     def __init__(self, layout: Layout, device: torch.device, param_dtype: torch.dtype, hyp_len: int) -> None:
         n = layout.n
-        i64 = dict(dtype=torch.int64, device=device)
+        i64 = torch.int64
         # host tables uploaded asynchronously (a synchronous copy would stall, and fail under sync debug mode)
-        self.work = torch.empty(max(len(layout.work), 1), 4, **i64)  # type: ignore[arg-type]
-        upload(self.work.narrow(0, 0, len(layout.work)), torch.tensor(layout.work, dtype=torch.int64).reshape(-1, 4))
-        self.meta = torch.empty(max(n, 1), META, **i64)  # type: ignore[arg-type]
-        upload(self.meta.narrow(0, 0, n), torch.tensor(layout.meta, dtype=torch.int64).reshape(-1, META))
-        self.ptrs = torch.zeros(PTRS, max(n, 1), **i64)  # type: ignore[arg-type]
+        self.work = torch.empty(max(len(layout.work), 1), 4, dtype=i64, device=device)
+        upload(self.work.narrow(0, 0, len(layout.work)), torch.tensor(layout.work, dtype=i64).reshape(-1, 4))
+        self.meta = torch.empty(max(n, 1), META, dtype=i64, device=device)
+        upload(self.meta.narrow(0, 0, n), torch.tensor(layout.meta, dtype=i64).reshape(-1, META))
+        self.ptrs = torch.zeros(PTRS, max(n, 1), dtype=i64, device=device)
         self.thr = torch.zeros(max(n, 1), 2, dtype=torch.float32, device=device)
         self.hyp = torch.zeros(hyp_len, dtype=torch.float64, device=device)
         self.rows = torch.empty(max(layout.rows, 1), 4, dtype=torch.float32, device=device)
