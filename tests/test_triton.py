@@ -575,3 +575,17 @@ print("ok")
     env = {**os.environ, "TRITON_INTERPRET": "1", "TORCH_ADAMP_FUSED": "triton"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+@needs_triton
+def test_the_gpu_check_dry_run() -> None:
+    """``benchmarks/gpu_check.py --dry-run``: the GPU check's own code on CPU tensors (kernels interpreted,
+    small shapes), one set timed; its correctness rows pass and it prints its one table."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_ADAMP_FUSED"}
+    cmd = [sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--sets", "resnet50", "--rounds", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    table = [line for line in out.stdout.splitlines() if line.startswith("|")]
+    assert any("triton vs foreach" in line and "ok" in line for line in table), out.stdout
+    assert any("GradScaler" in line and "ok" in line for line in table), out.stdout
+    assert not any("FAIL" in line for line in table), out.stdout

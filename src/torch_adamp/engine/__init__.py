@@ -66,6 +66,8 @@ def _fused(rule: Rule[Any], t: Bundle, o: Options, views: Views, workspace: Work
     native_ok = backend.native and native.takes(rule, o)
     if native_ok and workspace is not None and native.planned_step(rule, t, o, views, workspace):
         return  # the same CPU parameters as at an earlier step: checked by their plan
+    if workspace is not None and triton.planned_step(rule, t, o, views, workspace):
+        return  # the same parameters (one device and dtype) as at an earlier Triton step: checked by their plan
     first = t.params[0].dtype
     if native_ok and all(p.is_cpu and p.dtype is first for p in t.params):  # the common case, in one pass
         native.step(rule, t, o, views, workspace, try_plan=False)

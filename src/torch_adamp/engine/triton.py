@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import itertools
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -152,8 +153,9 @@ def _config(device: torch.device) -> Any:
 class Plan:
     """The tables and device buffers of one list of parameters, built once and checked cheaply at every step.
 
-    Reused where the parameters are the same objects with the same storage, the state tensors and step
-    counters the same objects, and the options that shape the tables (``scale_invariant``, the rule's
+    Reused where the parameters are the same objects with the same storage (``p.data = ...`` and
+    ``module.to()`` give a parameter new storage), the state tensors and step counters the same objects (the
+    optimizer creates them, ``load_state_dict`` replaces them), and the options that shape the tables (``scale_invariant``, the rule's
     direction-state slot) the same; the gradients' pointers are checked at every step and uploaded when they
     change (never during a CUDA-graph capture, where they must be static anyway); hyper-parameters and a
     float ``lr`` are uploaded when they change. The buffers hold the view each tensor took last (the guesses
@@ -172,6 +174,7 @@ class Plan:
         self.steps = steps
         self.config = config = _config(self.device)
         self.shapes = [tuple(p.shape) for p in params]
+        self.strides = [p.stride() for p in params]
         self.mode = driver.MODES[o.scale_invariant if o.scale_invariant is False else str(o.scale_invariant)]
         self.dir_state = int(self.mod.dir_state(o))
         projectable = [self.mode != 0 and projection.projectable(s) for s in self.shapes]
@@ -217,9 +220,7 @@ class Plan:
         mode = driver.MODES[o.scale_invariant if o.scale_invariant is False else str(o.scale_invariant)]
         if mode != self.mode or self.mod.dir_state(o) != self.dir_state or steps != self.steps:
             return False
-        if list(map(Tensor.data_ptr, t.params)) != self.param_ptrs:
-            return False
-        return [list(map(Tensor.data_ptr, lst)) for lst in t.states] == self.state_ptrs
+        return list(map(Tensor.data_ptr, t.params)) == self.param_ptrs
 
     def run(self, t: Bundle, o: Options) -> Tensor:
         """One step (``t`` holds the plan's tensors and this step's gradients); returns the views (int8)."""
@@ -288,6 +289,43 @@ def _plan(rule: Rule[Any], t: Bundle, o: Options, steps: int, workspace: Workspa
     return plan
 
 
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+
+
+def planned_step(rule: Rule[Any], t: Bundle, o: Options, views: tail.Views, workspace: Workspace) -> bool:
+    """The step of a list of parameters stepped before through its plan, before any grouping (the engine tries
+    it first): ``True`` if it ran, ``False`` (nothing done) where there is no plan for exactly these parameters,
+    the back end or the options no longer take it, or a gradient is not read as the plan reads it."""
+    if not workspace.triton_plans or o.caution or torch.compiler.is_compiling():
+        return False
+    return _planned(rule, t, o, views, workspace)
+
+
+def _planned(rule: Rule[Any], t: Bundle, o: Options, views: tail.Views, workspace: Workspace) -> bool:
+    """The step of a list of parameters stepped before, checked in C-level passes (identity of every tensor,
+    the gradients' dtype, device and strides): ``True`` if it ran, ``False`` (nothing done) otherwise."""
+    plan: Plan | None = workspace.triton_plans.get((rule.name, *map(id, t.params)))
+    if plan is None or not plan.matches(t, o, plan.steps):
+        return False
+    fused = workspace.backend.fused
+    if not (fused == "triton" or (plan.device.type == "cuda" and fused in ("auto", "native"))):
+        return False
+    if plan.steps == _driver().STEPS_HOST and o.found_inf is not None:
+        return False
+    grads = t.grads
+    if not (
+        all(map(operator.is_, map(_DTYPE, grads), itertools.repeat(plan.dtype)))
+        and all(map(operator.eq, map(_DEVICE, grads), itertools.repeat(plan.device)))
+        and list(map(Tensor.stride, grads)) == plan.strides
+    ):
+        return False
+    codes = plan.run(t, o)
+    if views is not None:
+        tail.scatter_views(views, range(len(t)), codes.to(torch.int64).clamp_min_(0).unbind(0))
+    return True
+
+
 def step(rule: Rule[Any], t: Bundle, o: Options, views: tail.Views, workspace: Workspace | None = None) -> None:
     """One device bucket through the Triton kernels, per parameter dtype (refused tensors: multi-tensor path)."""
     device = t.params[0].device
@@ -296,6 +334,8 @@ def step(rule: Rule[Any], t: Bundle, o: Options, views: tail.Views, workspace: W
             "TORCH_ADAMP_FUSED=triton on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 in the "
             "environment before the process imports triton (it was imported without it)"
         )
+    if workspace is not None and _planned(rule, t, o, views, workspace):
+        return
     mod = _kernels(rule)
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, p in enumerate(t.params):
