@@ -155,9 +155,9 @@ class Plan:
 
     Reused where the parameters are the same objects with the same storage (``p.data = ...`` and
     ``module.to()`` give a parameter new storage), the state tensors and step counters the same objects (the
-    optimizer creates them, ``load_state_dict`` replaces them), and the options that shape the tables (``scale_invariant``, the rule's
-    direction-state slot) the same; the gradients' pointers are checked at every step and uploaded when they
-    change (never during a CUDA-graph capture, where they must be static anyway); hyper-parameters and a
+    optimizer creates them, ``load_state_dict`` replaces them), and the options that shape the tables
+    (``scale_invariant``, the rule's direction-state slot) the same; the gradients' pointers are checked at
+    every step and uploaded when they change (never during a CUDA-graph capture, where they must be static anyway); hyper-parameters and a
     float ``lr`` are uploaded when they change. The buffers hold the view each tensor took last (the guesses
     of the next step) and its spare blocks."""
 
