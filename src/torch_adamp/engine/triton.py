@@ -157,9 +157,9 @@ class Plan:
     ``module.to()`` give a parameter new storage), the state tensors and step counters the same objects (the
     optimizer creates them, ``load_state_dict`` replaces them), and the options that shape the tables
     (``scale_invariant``, the rule's direction-state slot) the same; the gradients' pointers are checked at
-    every step and uploaded when they change (never during a CUDA-graph capture, where they must be static anyway); hyper-parameters and a
-    float ``lr`` are uploaded when they change. The buffers hold the view each tensor took last (the guesses
-    of the next step) and its spare blocks."""
+    every step and uploaded when they change (never during a CUDA-graph capture, where they must be static
+    anyway); hyper-parameters and a float ``lr`` are uploaded when they change. The buffers hold the view each
+    tensor took last (the guesses of the next step) and its spare blocks."""
 
     def __init__(self, rule: Rule[Any], t: Bundle, o: Options, steps: int) -> None:
         driver = _driver()
