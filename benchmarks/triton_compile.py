@@ -39,6 +39,7 @@ import sys, torch
 sys.path.insert(0, "tests")
 import helpers, torch_adamp
 from test_fused import run, rel
+helpers.interpret_triton_faster()
 from torch_adamp.engine import triton as backend
 from torch_adamp.triton import driver
 cases = [

@@ -759,3 +759,30 @@ def example(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
+
+
+def interpret_triton_faster() -> None:
+    """Make Triton's interpreter (``TRITON_INTERPRET=1``) about twice as fast on the Triton back end's kernels.
+
+    The interpreter patches ``triton.language`` when a kernel is launched, and again, with a scan of the whole
+    module (about 1.5 ms), at every call of a ``@triton.jit`` helper inside it, although nothing is left to
+    patch by then: the helpers of the driver are called some 15 times per program. This skips those redundant
+    scans (the launch still patches, and restores afterwards); what the kernels compute is unchanged (the same
+    bits, checked when this was written). A no-op where the interpreter's internals are not the expected ones."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    cls = getattr(interpreter, "InterpretedFunction", None)
+    if cls is None or getattr(cls, "_torch_adamp_fast", False) or not hasattr(cls, "rewrite"):
+        return
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        fn = self.rewrite()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise interpreter.InterpreterError(repr(e)) from e
+
+    cls.__call__ = call
+    cls._torch_adamp_fast = True

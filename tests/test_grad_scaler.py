@@ -39,6 +39,8 @@ import torch_adamp
 #: separate run of .ci/run, which selects its cases with -k triton)
 TRITON = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
 PATHS = ("single", "foreach", "native", "compile") + (("triton",) if TRITON else ())
+if TRITON:
+    helpers.interpret_triton_faster()
 OPTIONS: list[tuple[type, dict[str, Any]]] = [
     (torch_adamp.AdamP, dict(lr=1e-2, weight_decay=0.1)),
     (torch_adamp.AdamP, dict(lr=1e-2, nesterov=True, maximize=True, wd_ratio=0.5, weight_decay=0.01)),

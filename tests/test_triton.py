@@ -37,6 +37,9 @@ INSTALLED = importlib.util.find_spec("triton") is not None
 INTERPRETING = INSTALLED and os.environ.get("TRITON_INTERPRET") == "1"
 ROOT = Path(__file__).resolve().parents[1]
 
+if INTERPRETING:
+    helpers.interpret_triton_faster()
+
 needs_triton = pytest.mark.skipif(not INSTALLED, reason="triton is not installed")
 interpreted = pytest.mark.skipif(
     not INTERPRETING, reason="runs the Triton kernels in the interpreter: TRITON_INTERPRET=1 pytest (see .ci/run)"
@@ -438,6 +441,7 @@ def test_cuda_dispatch_makes_no_host_read(kind: str, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(backend, "_plain", lambda params: True)  # fake tensors stand in for CUDA ones
     # a copy to fake CUDA memory needs a CUDA build: recorded (host to device, never back)
     monkeypatch.setattr(driver, "upload", lambda dst, src: uploads.append((dst, src)))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # no CUDA here
     with FakeTensorMode(allow_non_fake_inputs=True):
         params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in [(6, 4, 3, 3), (5, 7), (7,)]]
         for capturable in (False, True):

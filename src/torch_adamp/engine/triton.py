@@ -264,7 +264,11 @@ class Plan:
             rflags=int(self.mod.flags(o)),
             dir_state=self.dir_state,
         )
-        driver.launch(self.layout, self.buf, self.params[0], self.mod, x)
+        if device.type == "cuda":  # Triton launches on the current device: make it the parameters'
+            with torch.cuda.device(device):
+                driver.launch(self.layout, self.buf, self.params[0], self.mod, x)
+        else:
+            driver.launch(self.layout, self.buf, self.params[0], self.mod, x)
         _bump_versions(self.params)
         views: Tensor = self.buf.views.narrow(0, 0, n)
         return views
