@@ -764,20 +764,29 @@ def example(name: str) -> ModuleType:
 def interpret_triton_faster() -> None:
     """Make Triton's interpreter (``TRITON_INTERPRET=1``) about twice as fast on the Triton back end's kernels.
 
-    The interpreter patches ``triton.language`` when a kernel is launched, and again, with a scan of the whole
-    module (about 1.5 ms), at every call of a ``@triton.jit`` helper inside it, although nothing is left to
-    patch by then: the helpers of the driver are called some 15 times per program. This skips those redundant
-    scans (the launch still patches, and restores afterwards); what the kernels compute is unchanged (the same
-    bits, checked when this was written). A no-op where the interpreter's internals are not the expected ones."""
+    At every call of a ``@triton.jit`` helper the interpreter patches the ``triton.language`` modules the helper
+    sees, with a scan of the whole module (about 1.5 ms), even when the launch (or an earlier call) patched them
+    already and nothing is left to patch: the driver's helpers are called some 15 times per program. This
+    patches only where a module is not patched yet (its ``full`` is still the compiled-mode builtin), which is
+    what the scan would find; what the kernels compute is unchanged (the same bits, checked when this was
+    written). A no-op where the interpreter's internals are not the expected ones."""
     try:
+        import triton.language as tl
         from triton.runtime import interpreter
     except ImportError:
         return
     cls = getattr(interpreter, "InterpretedFunction", None)
-    if cls is None or getattr(cls, "_torch_adamp_fast", False) or not hasattr(cls, "rewrite"):
+    patch = getattr(interpreter, "_patch_lang", None)
+    if cls is None or patch is None or getattr(cls, "_torch_adamp_fast", False) or not hasattr(cls, "rewrite"):
         return
+    langs: dict[int, list[Any]] = {}
 
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen = langs.get(id(self.fn))
+        if seen is None:
+            seen = langs[id(self.fn)] = [v for v in self.fn.__globals__.values() if v is tl or v is tl.core]
+        if any(tl.core.is_builtin(lang.full) for lang in seen):
+            patch(self.fn)
         fn = self.rewrite()
         try:
             return fn(*args, **kwargs)

@@ -27,7 +27,7 @@ from typing import Any
 import helpers
 import pytest
 import torch
-from test_fused import ADAMP_OPTIONS, SGDP_OPTIONS, SPEC_STEPS, _orthogonal, _spec_grads, gradients, rel, run
+from test_fused import ADAMP_OPTIONS, SGDP_OPTIONS, SHAPES, SPEC_STEPS, _orthogonal, _spec_grads, gradients, rel, run
 from torch import Tensor
 
 import torch_adamp
@@ -53,6 +53,11 @@ interpreted = pytest.mark.skipif(
 def with_configs(cases: list[Any], small: int) -> list[Any]:
     """Every case on the GPU's tiles, the first ``small`` on the small ones."""
     return [pytest.param(c, "gpu") for c in cases] + [pytest.param(c, "small") for c in cases[:small]]
+
+
+#: test_fused's shapes (every case of the CPU kernel), a tensor whose rows take 3 tile rows each (5 of them in a
+#: tile of the GPU's) and one whose rows are longer than a tile (one program each, in chunks)
+TILE_SHAPES: list[tuple[int, ...]] = [*SHAPES, (5, 300), (3, 2100)]
 
 
 @contextlib.contextmanager
@@ -91,21 +96,29 @@ def plans(opt: Any) -> list[Any]:
 
 
 @interpreted
-@pytest.mark.parametrize(("options", "config"), with_configs(ADAMP_OPTIONS, 3), ids=str)
+@pytest.mark.parametrize(("options", "config"), with_configs(ADAMP_OPTIONS, 1), ids=str)
 def test_adamp_matches_multi_tensor(options: dict[str, Any], config: str) -> None:
-    ref, ref_views = run(lambda ps: torch_adamp.AdamP(ps, lr=1e-2, foreach=True, track_stats=True, **options))
-    got, views = triton_run(lambda ps: torch_adamp.AdamP(ps, lr=1e-2, fused=True, track_stats=True, **options), config)
+    """12 steps of forced views (every view on every projectable tensor): the same views at every step,
+    within 1e-6. The small tiles (many more programs: slower) on one option set."""
+    steps = 12 if config == "gpu" else 4
+    ref, ref_views = run(lambda ps: torch_adamp.AdamP(ps, lr=1e-2, foreach=True, track_stats=True, **options),
+                         TILE_SHAPES, steps)  # fmt: skip
+    got, views = triton_run(lambda ps: torch_adamp.AdamP(ps, lr=1e-2, fused=True, track_stats=True, **options),
+                            config, shapes=TILE_SHAPES, steps=steps)  # fmt: skip
     assert views == ref_views
     assert rel(got, ref) < 1e-6
-    if options.get("scale_invariant", "auto") == "auto":
+    if options.get("scale_invariant", "auto") == "auto" and config == "gpu":
         assert {0.0, 1.0, 2.0} <= {v for step in views for v in step}
 
 
 @interpreted
-@pytest.mark.parametrize(("options", "config"), with_configs(SGDP_OPTIONS, 3), ids=str)
+@pytest.mark.parametrize(("options", "config"), with_configs(SGDP_OPTIONS, 1), ids=str)
 def test_sgdp_matches_multi_tensor(options: dict[str, Any], config: str) -> None:
-    ref, ref_views = run(lambda ps: torch_adamp.SGDP(ps, lr=1e-2, foreach=True, track_stats=True, **options))
-    got, views = triton_run(lambda ps: torch_adamp.SGDP(ps, lr=1e-2, fused=True, track_stats=True, **options), config)
+    steps = 12 if config == "gpu" else 4
+    ref, ref_views = run(lambda ps: torch_adamp.SGDP(ps, lr=1e-2, foreach=True, track_stats=True, **options),
+                         TILE_SHAPES, steps)  # fmt: skip
+    got, views = triton_run(lambda ps: torch_adamp.SGDP(ps, lr=1e-2, fused=True, track_stats=True, **options),
+                            config, shapes=TILE_SHAPES, steps=steps)  # fmt: skip
     assert views == ref_views
     assert rel(got, ref) < 1e-6
 
@@ -201,7 +214,7 @@ def _spec_run(kind: str, options: dict[str, Any], speculate: bool, config: str) 
     backend.SPECULATE = speculate
     try:
         gen = torch.Generator().manual_seed(3)
-        shapes = [(16, 8, 3, 3), (12, 20), (6, 1, 5), (1, 30), (30, 13), (6, 41)]
+        shapes = [(16, 8, 3, 3), (12, 20), (6, 1, 5), (1, 30), (30, 13), (6, 41), (5, 300), (3, 2100)]
         params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
         right = wrong = 0
         with triton_backend(config):
@@ -229,12 +242,12 @@ def _spec_run(kind: str, options: dict[str, Any], speculate: bool, config: str) 
 
 
 @interpreted
-@pytest.mark.parametrize(
-    ("case", "config"), [*with_configs(SPEC_CASES, 2), pytest.param(SPEC_CASES[3], "small")], ids=str
-)
-def test_speculation_changes_no_bit(case: tuple[str, dict[str, Any]], config: str) -> None:
+@pytest.mark.parametrize("case", SPEC_CASES, ids=str)
+def test_speculation_changes_no_bit(case: tuple[str, dict[str, Any]]) -> None:
     """Right and wrong guesses of both kinds (channel and none; a channel guess failing on the last rows,
-    'late'), on tiles of whole rows and on long rows: the same bits and views as without speculation."""
+    'late'), on tiles of whole rows, rows in several tile rows and rows longer than a tile: the same bits
+    and views as without speculation (a NaN gradient at the last step included)."""
+    config = "gpu"
     kind, options = case
     got, views, right, wrong = _spec_run(kind, options, True, config)
     ref, ref_views, r0, w0 = _spec_run(kind, options, False, config)
@@ -252,8 +265,10 @@ def test_speculation_is_bounded_by_the_spare_budget(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(backend, "SPARE_MAX_BYTES", 16 * 8 * 9 * 4)  # room for the first tensor only
     got, views, right, _ = _spec_run("adamp", {}, True, "gpu")
     ref, ref_views, _, _ = _spec_run("adamp", {}, False, "gpu")
-    assert views == ref_views and all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
-    assert 0 < right
+    assert views == ref_views
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert 0 < right < 40  # the first tensor only
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,8 +489,6 @@ REFERENCE_CASES = [
     ("conv_bn", "adamp-default"),
     ("linear_ln", "adamp-groups"),
     ("normed_weights", "sgdp-nesterov-wd"),
-    ("grouped_conv", "sgdp-momentum-dampening"),
-    ("dim0_one", "adamp-nesterov-wd"),
 ]
 
 
@@ -493,14 +506,14 @@ def test_free_running_against_the_reference(arch: str, option_set: str) -> None:
 
 
 @interpreted
-@pytest.mark.parametrize("option_set", list(helpers.LARGE_LR_OPTION_SETS))
+@pytest.mark.parametrize("option_set", ["sgdp-readme", "adamp-lr1e-2"])
 def test_large_lr_step_by_step_against_the_reference(option_set: str) -> None:
     """Large learning rates, one step at a time from the reference's state: within 1e-6, the same decisions."""
     from test_reference_equivalence import TIE, TOL, _check_decisions
 
     o = helpers.LARGE_LR_OPTION_SETS[option_set]
     with triton_backend():
-        result = helpers.run_synced(o.kind, "conv_bn", o.options, "fused", groups=o.groups, steps=40)
+        result = helpers.run_synced(o.kind, "conv_bn", o.options, "fused", groups=o.groups, steps=30)
     _check_decisions(result.mismatches, TIE[torch.float32])
     assert result.max_rel <= TOL[torch.float32], (result.max_rel, result.worst)
 
@@ -560,6 +573,7 @@ def test_cpu_step_refused_when_triton_was_imported_without_the_interpreter() -> 
 
 
 @needs_triton
+@pytest.mark.skipif(INTERPRETING, reason="the interpreter suite runs this at length in this process")
 def test_an_interpreted_step_in_a_subprocess() -> None:
     """What .ci/run's interpreter suite checks at length, once, in every test run: TORCH_ADAMP_FUSED=triton
     with TRITON_INTERPRET=1 takes the Triton kernels for CPU tensors; the same decisions and numbers as foreach."""
@@ -582,6 +596,7 @@ print("ok")
 
 
 @needs_triton
+@pytest.mark.skipif(INTERPRETING, reason="run once, by the main test run")
 def test_the_gpu_check_dry_run() -> None:
     """``benchmarks/gpu_check.py --dry-run``: the GPU check's own code on CPU tensors (kernels interpreted,
     small shapes), one set timed; its correctness rows pass and it prints its one table."""
