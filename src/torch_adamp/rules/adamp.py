@@ -46,7 +46,7 @@ class AdamPRule(Rule):
     name = "adamp"
     state_names = ("exp_avg", "exp_avg_sq")
     counts_steps = True
-    kernel_fields = ("beta1", "beta2", "nesterov")
+    kernel_fields = (("beta1", "double"), ("beta2", "double"), ("nesterov", "int32"))
 
     options_type = AdamPOptions
 

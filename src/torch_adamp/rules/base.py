@@ -149,8 +149,9 @@ class Rule:
     state_names: ClassVar[tuple[str, ...]]
     #: whether the rule keeps a float32 ``step`` counter per parameter (passed after the state tensors)
     counts_steps: ClassVar[bool]
-    #: the native kernel's rule-specific arguments, in the order of its C struct
-    kernel_fields: ClassVar[tuple[str, ...]]
+    #: the native kernel's rule-specific arguments: ``(option name, C type)`` in the order of its C struct
+    #: ``ta_<name>_args`` (csrc/rules/<name>.h); C types: "double", "float", "int32", "int64"
+    kernel_fields: ClassVar[tuple[tuple[str, str], ...]]
     #: the rule's options: a frozen dataclass extending :class:`Options`
     options_type: ClassVar[type[Options]]
 
@@ -187,7 +188,7 @@ class Rule:
 
     def kernel_args(self, o: Any) -> tuple[float, ...]:
         """Values of :attr:`kernel_fields` for the native kernel."""
-        return tuple(float(getattr(o, f)) for f in self.kernel_fields)
+        return tuple(float(getattr(o, f)) for f, _ in self.kernel_fields)
 
     def check(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` naming the option for a group value this rule cannot take."""

@@ -42,7 +42,7 @@ class SGDPRule(Rule):
     name = "sgdp"
     state_names = ("momentum",)
     counts_steps = False
-    kernel_fields = ("momentum", "dampening", "nesterov", "project_momentum")
+    kernel_fields = (("momentum", "double"), ("dampening", "double"), ("nesterov", "int32"), ("project_momentum", "int32"))
 
     options_type = SGDPOptions
 
