@@ -7,4 +7,4 @@ from .sgdp import SGDP, SGDPOptions, SGDPRule
 #: every rule (those with a native kernel, csrc/rules/<name>.h, get its custom op: engine/fused.py)
 RULES: tuple[Rule, ...] = (ADAMP, SGDP)
 
-__all__ = ["ADAMP", "RULES", "SGDP", "AdamPOptions", "AdamPRule", "Options", "Rule", "SGDPOptions", "SGDPRule", "Scaling"]
+__all__ = ["ADAMP", "SGDP", "AdamPOptions", "AdamPRule", "Options", "Rule", "SGDPOptions", "SGDPRule", "Scaling"]

@@ -42,7 +42,12 @@ class SGDPRule(Rule):
     name = "sgdp"
     state_names = ("momentum",)
     counts_steps = False
-    kernel_fields = (("momentum", "double"), ("dampening", "double"), ("nesterov", "int32"), ("project_momentum", "int32"))
+    kernel_fields = (
+        ("momentum", "double"),
+        ("dampening", "double"),
+        ("nesterov", "int32"),
+        ("project_momentum", "int32"),
+    )
 
     options_type = SGDPOptions
 
