@@ -264,8 +264,9 @@ def build(directory: Path | None = None, force: bool = False) -> tuple[Path, flo
 
 
 def _compile_and_link(cc: str, flags: tuple[str, ...], work: Path, so: Path) -> str | None:
-    """Compile every translation unit into ``work`` (concurrently), then link them into ``so``; ``None``, or
-    the compiler's error. Raises ``subprocess.TimeoutExpired`` when a run takes over :data:`COMPILE_TIMEOUT`."""
+    """Compile every translation unit into ``work`` (concurrently, each run to its end), then link them into
+    ``so``; ``None``, or the compiler's first error. Raises ``subprocess.TimeoutExpired`` when the runs take
+    over :data:`COMPILE_TIMEOUT`."""
     compile_flags = [f for f in (*flags, *extra_flags()) if f != "-shared"]
     runs = []
     try:
@@ -273,10 +274,10 @@ def _compile_and_link(cc: str, flags: tuple[str, ...], work: Path, so: Path) -> 
             cmd = [cc, *compile_flags, *args, "-c", "-o", str(work / f"{name}.o")]
             runs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         deadline = time.monotonic() + COMPILE_TIMEOUT
-        for run in runs:
-            _, err = run.communicate(timeout=max(0.0, deadline - time.monotonic()))
-            if run.returncode != 0:
-                return err
+        errors = [run.communicate(timeout=max(0.0, deadline - time.monotonic()))[1] for run in runs]
+        failed = [err for run, err in zip(runs, errors, strict=True) if run.returncode != 0]
+        if failed:
+            return failed[0]
     finally:
         for run in runs:
             if run.poll() is None:
