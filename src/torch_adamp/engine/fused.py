@@ -631,7 +631,7 @@ def native_scratch_bytes(rule: str, params: Sequence[Tensor], threads: int | Non
     """C-heap scratch of one native call (not seen by torch's allocator): what the kernel says it allocates
     (row sums, the written-row flags, the guesses, staged updates...), plus the pointer and shape arrays. The
     spare block of the speculative sweep is a tensor of the optimizer's workspace, not counted."""
-    (r,) = [r for r in RULES if r.name == rule]
+    (kind,) = [r for r in RULES if r.name == rule]
     rows = [p.size(0) if p.dim() > 1 and p.numel() > 0 else 0 for p in params]
     meta = array("q", [p.numel() for p in params] + rows)
     a = _native.Args()
@@ -640,5 +640,5 @@ def native_scratch_bytes(rule: str, params: Sequence[Tensor], threads: int | Non
     a.stage_bytes, a.spec_max_bytes = STAGE_BYTES, SPECULATE_MAX_BYTES
     float64 = any(p.dtype is torch.float64 for p in params)
     scratch = int(_native.scratch_query(rule, float64)(ctypes.byref(a)))
-    per_tensor = (2 + len(r.state_names) + r.counts_steps) * 8 + 2 * 8 + 8
+    per_tensor = (2 + len(kind.state_names) + kind.counts_steps) * 8 + 2 * 8 + 8  # ptrs, meta, view codes
     return scratch + per_tensor * len(params)
