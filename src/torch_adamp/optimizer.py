@@ -74,7 +74,9 @@ class ProjectedOptimizer(TrackStats, Optimizer):
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         # every group carries every base option (a subclass may leave out those it does not take: capturable)
         defaults = {**BASE_DEFAULTS, **defaults}
-        checked = {**defaults, "lr": 0.0} if defaults["lr"] is required else defaults  # then checked per group
+        checked = {**defaults, "lr": 0.0} if defaults["lr"] is required else dict(defaults)  # then checked per group
+        if checked["lr_max"] is None:
+            checked["lr_max"] = 1.0  # each group gets its own when it is added (its lr), checked then
         self._check_group(checked)
         # created here and mutated in place by step(): torch.compile replays in-place
         # container mutations, and they survive pickling/deepcopy as plain attributes
@@ -105,6 +107,10 @@ class ProjectedOptimizer(TrackStats, Optimizer):
                 f"{type(self).__name__}: a parameter group has no lr, and no default was given; "
                 "pass lr= to the optimizer or set it in every group"
             )
+        if merged.get("lr_max") is None:  # the correction's peak lr: the group's lr when it is added
+            lr_max = checks.lr_value(merged["lr"])
+            if lr_max is not None and lr_max > 0:
+                param_group["lr_max"] = merged["lr_max"] = lr_max
         self._check_group(merged)
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
