@@ -12,6 +12,7 @@ from .optimizer import ProjectedOptimizer
 from .optimizers.adamp import AdamP, adamp
 from .optimizers.sgdp import SGDP, sgdp
 from .projected import Projected
+from .projected.orthograd import OrthoGrad
 from .projection import project_single, projection_coefficients
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __all__ = [
     "SGDP",
     "AdamP",
     "FlatParameterError",
+    "OrthoGrad",
     "Projected",
     "ProjectedOptimizer",
     "__version__",

@@ -100,7 +100,8 @@ def correction(group: dict[str, Any]) -> None:
     if group.get("corrected_weight_decay", False) is not False and group.get("lr_max") is None:
         raise ValueError(
             "Invalid lr_max value: None; corrected_weight_decay scales the decay by lr / lr_max, so lr_max (the "
-            "schedule's peak lr) must be given (optimizers fill it with the group's lr when the group is added)"
+            "schedule's peak lr) must be given (optimizers fill it with the group's lr when a group is added with "
+            "the correction on; set group['lr_max'] when turning it on later)"
         )
 
 

@@ -107,10 +107,12 @@ class ProjectedOptimizer(TrackStats, Optimizer):
                 f"{type(self).__name__}: a parameter group has no lr, and no default was given; "
                 "pass lr= to the optimizer or set it in every group"
             )
-        if merged.get("lr_max") is None:  # the correction's peak lr: the group's lr when it is added
+        lr_max = None
+        if merged.get("lr_max") is None and merged.get("corrected_weight_decay", False) is not False:
+            # the correction's peak lr: the group's lr when it is added (left None where the correction is off)
             lr_max = checks.lr_value(merged["lr"])
             if lr_max is not None and lr_max > 0:
-                param_group["lr_max"] = merged["lr_max"] = lr_max
+                merged["lr_max"] = lr_max
         self._check_group(merged)
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
@@ -118,6 +120,8 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         checks.parameters(param_group, params, type(self).__name__)
         distributed.check_flat(merged, params, lambda i, p: checks.describe(param_group, i, p), type(self).__name__)
         super().add_param_group(param_group)
+        if lr_max is not None and param_group.get("lr_max") is None:
+            param_group["lr_max"] = lr_max  # after torch put the defaults' keys in (their order kept)
         self._zero.register(param_group)
 
     # -- the step ----------------------------------------------------------------------

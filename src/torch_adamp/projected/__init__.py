@@ -234,7 +234,8 @@ class Projected(TrackStats, Optimizer):
         for g in self.inner.param_groups:
             for k in OPTIONS:
                 g.setdefault(k, self.defaults[k])
-            if g["lr_max"] is None and "lr" in g:  # the correction's peak lr: the group's lr when wrapped
+            if g["lr_max"] is None and g["corrected_weight_decay"] is not False and "lr" in g:
+                # the correction's peak lr: the group's lr when wrapped (left None where the correction is off)
                 lr_max = checks.lr_value(g["lr"])
                 if lr_max is not None and lr_max > 0:
                     g["lr_max"] = lr_max
