@@ -228,10 +228,12 @@ def test_true_corrects_only_what_is_projected(path: str) -> None:
 def test_default_and_peak_lr_change_nothing() -> None:
     """``False`` (the default) is the reference's step; at ``lr == lr_max`` the correction is 1, so every mode
     is the uncorrected step bit for bit (k = 1.0 exactly)."""
-    constant = lambda opt, step: None  # noqa: E731
+    constant = lambda opt, step: None
     base = _run(_adamp(), constant)
     for mode in (False, True, "all"):
-        assert all(torch.equal(a, b) for a, b in zip(_run(_adamp(corrected_weight_decay=mode), constant), base))
+        assert all(
+            torch.equal(a, b) for a, b in zip(_run(_adamp(corrected_weight_decay=mode), constant), base, strict=True)
+        )
 
 
 def test_functional_api_takes_the_correction() -> None:
@@ -298,7 +300,7 @@ def test_bad_values_are_refused_by_name() -> None:
         Projected(torch.optim.AdamW(params), corrected_weight_decay=1)
 
 
-# -- GradScaler, Projected (ZeRO partitions: tests/test_deepspeed.py's OPTIONS) ---------------------------------------------------------------
+# -- GradScaler, Projected (ZeRO partitions: tests/test_deepspeed.py's OPTIONS) --------------------------
 
 
 @pytest.mark.parametrize("path", list(PATHS))
