@@ -10,6 +10,7 @@ from .distributed import FlatParameterError
 from .interop import to_reference_state_dict
 from .optimizer import ProjectedOptimizer
 from .optimizers.adamp import AdamP, adamp
+from .optimizers.lionp import LionP, lionp
 from .optimizers.sgdp import SGDP, sgdp
 from .projected import Projected
 from .projected.orthograd import OrthoGrad
@@ -21,6 +22,7 @@ __all__ = [
     "SGDP",
     "AdamP",
     "FlatParameterError",
+    "LionP",
     "OrthoGrad",
     "Projected",
     "ProjectedOptimizer",
@@ -28,6 +30,7 @@ __all__ = [
     "adamp",
     "find_scale_invariant",
     "functional",
+    "lionp",
     "param_groups",
     "project_single",
     "projection_coefficients",
