@@ -99,7 +99,9 @@ def test_wrapped_trajectory_is_pytorch_optimizers(kind: str, inner: str) -> None
         c.zero_grad()
         _loss(c_model, kind, step).backward()
         c.step()
-    assert max((p - q).abs().max().item() for p, q in zip(a_model.parameters(), c_model.parameters())) > 1e-4
+    assert (
+        max((p - q).abs().max().item() for p, q in zip(a_model.parameters(), c_model.parameters(), strict=True)) > 1e-4
+    )
 
 
 def test_shares_containers_and_schedulers() -> None:
@@ -169,7 +171,7 @@ def test_half_precision_and_refusals() -> None:
     opt = OrthoGrad(torch.optim.SGD([p], lr=0.1))
     opt.step()
     assert p.grad.dtype == torch.bfloat16
-    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer"):
         OrthoGrad(object())  # type: ignore[arg-type]
     q = nn.Parameter(torch.randn(3, 2, dtype=torch.complex64))
     with pytest.raises(ValueError, match="complex"):
