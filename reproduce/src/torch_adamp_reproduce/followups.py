@@ -177,11 +177,11 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     axes[0].legend(fontsize=8)
     ax = axes[3]
     names = list(OPTIMIZERS)
-    accs = [results["summary"][n]["test_accuracy"] for n in names]
+    accs: list[tuple[float, float]] = [tuple(results["summary"][n]["test_accuracy"]) for n in names]
     ax.bar(range(len(names)), [a[0] for a in accs], yerr=[a[1] for a in accs], color=[colors[n] for n in names])
     ax.set_xticks(range(len(names)), [compare.LABELS[n] for n in names], fontsize=8)
-    lo = min(a[0] - 2 * a[1] for a in accs)
-    ax.set_ylim(math.floor(lo - 1), math.ceil(max(a[0] + 2 * a[1] for a in accs) + 0.5))
+    bottom = min(a[0] - 2 * a[1] for a in accs)
+    ax.set_ylim(math.floor(bottom - 1), math.ceil(max(a[0] + 2 * a[1] for a in accs) + 0.5))
     ax.set_title("final test accuracy (%), mean ± std over seeds", fontsize=10)
     fig.suptitle(
         f"Fashion-MNIST BatchNorm CNN, cosine schedule to zero, {results['config']['epochs']} epochs, seeds "

@@ -122,10 +122,10 @@ class OrthoGrad(Optimizer):
         waiting: list[_Bucket] = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if any(p.grad.is_sparse for p in params):  # type: ignore[union-attr]
+            if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("OrthoGrad does not support sparse gradients (it needs <w, g> of whole tensors)")
             if params:
-                waiting += orthogonalize(params, [p.grad for p in params], eps=self.eps, group=group)  # type: ignore[misc]
+                waiting += orthogonalize(params, [p.grad for p in params], eps=self.eps, group=group)
         distributed.finish(waiting)  # one collective for every group's sharded tensors, then the rewrite
         scaling = checks.scaling_tensors(self)
         if scaling[0] is None and scaling[1] is None:
