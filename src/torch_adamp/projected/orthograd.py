@@ -6,7 +6,7 @@ gradient, whatever its shape), in the *layer* view of the projection::
 
     c = <w,g> / (||w||^2 + eps)          (the projection's layer coefficient, torch_adamp.projection,
                                           with pytorch_optimizer's eps placement: 0 at w = 0)
-    g <- (g - c w) * ||g|| / (||g - c w|| + eps)        (0 where ||g - c w|| <= 4 eps_dtype ||g||)
+    g <- (g - c w) * ||g|| / (||g - c w|| + eps)        (0 where ||g - c w|| <= 8 sqrt(eps_dtype) ||g||)
 
 then ``inner.step()``. It is AdamP's radial removal applied to the gradient instead of the update, with no
 scale-invariance test (every weight is treated as if it were scale-invariant in the layer view) and the
@@ -14,7 +14,10 @@ norm restored. Its sums come from :class:`torch_adamp.projection.RowDecision` (`
 row per tensor: the per-tensor sums ``<w,g>``, ``||w||^2``, ``||g||^2`` of every tensor are its packed
 totals, so DTensor (FSDP2) parameters take the one packed ``all_reduce`` of the projection
 (:func:`torch_adamp.distributed.finish`), and ``||g - c w||^2 = ||g||^2 - 2 c <w,g> + c^2 ||w||^2`` is
-computed from them (no second reduction). Nothing is read to the host; the step compiles with
+computed from them (no second reduction; its cancellation resolves ``||g - c w||`` down to about
+``sqrt(eps_dtype) ||g||``, so a gradient closer to radial than ``8 sqrt(eps_dtype) ||g||``, 0.16 degrees in
+float32, becomes 0 where pytorch_optimizer zeroes below ``4 eps_dtype ||g||``: a one-element tensor's
+gradient, always radial, is 0 in both). Nothing is read to the host; the step compiles with
 ``torch.compile(fullgraph=True)`` where ``inner.step`` does.
 """
 
@@ -196,7 +199,10 @@ class _Bucket:
         c = wg / (ww + self.eps)
         perp = (gg - 2 * c * wg + c * c * ww).clamp_min(0).sqrt()  # ||g - c w||, from the sums
         norm = gg.sqrt()
-        tiny = 4.0 * torch.finfo(c.dtype).eps
+        # radial within what the sums resolve: ||g - c w||^2 from them carries a few eps_dtype ||g||^2 of
+        # cancellation, so below 8 sqrt(eps_dtype) ||g|| the direction left is rounding (pytorch_optimizer,
+        # whose norm is of g - c w itself, zeroes below 4 eps_dtype ||g||): zero, not rounding scaled up to ||g||
+        tiny = 8.0 * torch.finfo(c.dtype).eps ** 0.5
         scale = torch.where(perp <= tiny * norm, torch.zeros_like(norm), norm / (perp + self.eps))
         out = torch._foreach_addcmul(self.g, self.w, [x.reshape(1, 1) for x in c.unbind()], value=-1)  # g - c w
         torch._foreach_mul_(out, list(scale.unbind()))
