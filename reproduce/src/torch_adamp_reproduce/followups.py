@@ -10,8 +10,10 @@ compares them pairwise with the paired t-test and verdict rule of the other expe
 (:func:`torch_adamp_reproduce.tasks.common.paired_gain`). Writes ``results.json``, ``followups.md`` (the
 table) and ``followups.png`` (the figure) to ``--out``.
 
-The *late rise* of a run is the mean gradient norm over the last 10% of training divided by its minimum over
-the logged steps of the middle (40%-80%); 1 means no rise.
+The *late rise* of a run is the mean gradient norm over the last 10% of training divided by its mean over
+40%-60% of training (1: no rise); the *norm shrink* is the conv-weight norm at half of training over its
+final value (the mechanism AdamC corrects: the decay shrinking ``||w||`` while ``lr`` decays, and the
+gradient of a normalised weight scaling as ``1 / ||w||``).
 """
 
 from __future__ import annotations
@@ -49,11 +51,17 @@ class Config:
 
 
 def late_rise(epoch: list[float], grad: list[float]) -> float:
-    """Mean gradient norm over the last 10% of training over its minimum over 40%-80% (1: no rise)."""
+    """Mean gradient norm over the last 10% of training over its mean over 40%-60% (1: no rise)."""
     end = epoch[-1]
     last = [g for e, g in zip(epoch, grad, strict=True) if e >= 0.9 * end]
-    mid = [g for e, g in zip(epoch, grad, strict=True) if 0.4 * end <= e <= 0.8 * end]
-    return statistics.fmean(last) / min(mid)
+    mid = [g for e, g in zip(epoch, grad, strict=True) if 0.4 * end <= e <= 0.6 * end]
+    return statistics.fmean(last) / statistics.fmean(mid)
+
+
+def norm_shrink(epoch: list[float], norm: list[float]) -> float:
+    """The weight norm at half of training over its final value (> 1: it shrank in the second half)."""
+    half = min(range(len(epoch)), key=lambda i: abs(epoch[i] - epoch[-1] / 2))
+    return norm[half] / norm[-1]
 
 
 def run(cfg: Config, out: Path, log: Any = print) -> dict[str, Any]:
@@ -82,6 +90,7 @@ def run(cfg: Config, out: Path, log: Any = print) -> dict[str, Any]:
                 "test_accuracy": r.test_accuracy,
                 "final_weight_norm": r.final_weight_norm,
                 "late_rise": late_rise(r.curves["log_epoch"], r.curves["grad_norm"]),
+                "norm_shrink": norm_shrink(r.curves["log_epoch"], r.curves["weight_norm"]),
                 "wall_seconds": time.perf_counter() - wall,
                 "cpu_seconds": time.process_time() - cpu,
                 "curves": r.curves,
@@ -106,7 +115,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         mine = sorted((r for r in runs if r["optimizer"] == name), key=lambda r: r["seed"])
         per[name] = {
             key: mean_std([r[key] for r in mine])
-            for key in ("test_accuracy", "late_rise", "final_weight_norm", "wall_seconds", "cpu_seconds")
+            for key in ("test_accuracy", "late_rise", "norm_shrink", "final_weight_norm", "wall_seconds", "cpu_seconds")
         }
     gains: dict[str, Any] = {}
     for base, cand in PAIRS:
@@ -115,33 +124,37 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         gains[f"{cand} vs {base}"] = {
             "test_accuracy": paired_gain([r["test_accuracy"] for r in b], [r["test_accuracy"] for r in c], True),
             "late_rise": paired_gain([r["late_rise"] for r in b], [r["late_rise"] for r in c], False),
+            "norm_shrink": paired_gain([r["norm_shrink"] for r in b], [r["norm_shrink"] for r in c], False),
         }
     return {"summary": per, "gains": gains}
 
 
 def format_table(results: dict[str, Any]) -> str:
     lines = [
-        "| optimizer | test accuracy (%) | late rise of the grad norm | final conv-weight norm "
-        "| wall s / CPU s per run |",
-        "| --- | --- | --- | --- | --- |",
+        "| optimizer | test accuracy (%) | late rise of the grad norm | norm shrink (half / end) "
+        "| final conv-weight norm | wall s / CPU s per run |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in results["summary"].items():
         acc, rise, norm = s["test_accuracy"], s["late_rise"], s["final_weight_norm"]
+        shrink = s["norm_shrink"]
         lines.append(
             f"| {compare.LABELS[name]} | {acc[0]:.2f} ± {acc[1]:.2f} | {rise[0]:.3f} ± {rise[1]:.3f} | "
-            f"{norm[0]:.2f} ± {norm[1]:.2f} | {s['wall_seconds'][0]:.0f} / {s['cpu_seconds'][0]:.0f} |"
+            f"{shrink[0]:.3f} ± {shrink[1]:.3f} | {norm[0]:.2f} ± {norm[1]:.2f} | "
+            f"{s['wall_seconds'][0]:.0f} / {s['cpu_seconds'][0]:.0f} |"
         )
     lines += [
         "",
-        "| pair | accuracy gain (points) | verdict | late-rise reduction | verdict |",
-        "| --- | --- | --- | --- | --- |",
+        "| pair | accuracy gain (points) | verdict | late-rise reduction | verdict | norm-shrink reduction | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for pair, g in results["gains"].items():
-        a, r = g["test_accuracy"], g["late_rise"]
+        a, r, n = g["test_accuracy"], g["late_rise"], g["norm_shrink"]
         cand, base = pair.split(" vs ")
         lines.append(
             f"| {compare.LABELS[cand]} vs {compare.LABELS[base]} | {a['mean']:+.2f} ± {a['stderr']:.2f} "
-            f"| {a['verdict']} | {r['mean']:+.3f} ± {r['stderr']:.3f} | {r['verdict']} |"
+            f"| {a['verdict']} | {r['mean']:+.3f} ± {r['stderr']:.3f} | {r['verdict']} "
+            f"| {n['mean']:+.3f} ± {n['stderr']:.3f} | {n['verdict']} |"
         )
     return "\n".join(lines)
 
