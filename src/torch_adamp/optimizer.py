@@ -387,7 +387,10 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         name = type(self).__name__
         ours = self._option_names()
         own = self.rule.own_group_keys()
-        foreign = {key: rule for rule in Rule._registry.values() for key in rule.own_group_keys() if key not in own}
+        foreign: dict[str, list[str]] = {}  # a key may belong to several rules (AdamP's and LionP's betas)
+        for rule in Rule._registry.values():
+            for key in rule.own_group_keys() - own:
+                foreign.setdefault(key, []).append(repr(rule.name))
         described: dict[Any, str] = {}
         for i, group in enumerate(state_dict["param_groups"]):
             merged = {**{k: v for k, v in self.defaults.items() if k in ours}, **group}
@@ -397,8 +400,9 @@ class ProjectedOptimizer(TrackStats, Optimizer):
                 raise ValueError(f"state dict param group {i}: {e}") from None
             for key in group:
                 if key in foreign and key not in ours:
+                    rules = " or ".join(sorted(foreign[key]))
                     raise ValueError(
-                        f"state dict param group {i} has {key!r}, an option of the rule {foreign[key].name!r}, not of "
+                        f"state dict param group {i} has {key!r}, an option of the rule {rules}, not of "
                         f"{name}: this is another optimizer's checkpoint (nothing was loaded)"
                     )
             mine = self.param_groups[i] if i < len(self.param_groups) else {"params": []}
