@@ -61,7 +61,7 @@ class Config:
     width: int = 16
     head: int = 32
     top_k: int = 20
-    lr: float = 3e-3  # from scripts/reproduce_lr_search.py (docs/reproduction.md)
+    lr: float = 1e-2  # from scripts/reproduce_lr_search.py (docs/reproduction.md)
     weight_decay: float = 0.1
     data: detection_data.DataConfig = field(default_factory=detection_data.DataConfig)
 
