@@ -129,13 +129,14 @@ def test_dataset_is_deterministic_and_its_splits_disjoint():
     test = detection_data.make(cfg, "test")
     assert not np.array_equal(a.images[:100], test.images)
     for d in (a, test):
+        pool_labels = detection_data.item_pool(d.split, len(d.item_images))[1]
         used = np.concatenate(d.items)
         assert len(np.unique(used)) == len(used)  # no item twice within a split
         for boxes, labels, items, visible in zip(d.boxes, d.labels, d.items, d.visible, strict=True):
             assert 1 <= len(boxes) <= cfg.max_objects and len(labels) == len(boxes)
             assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= cfg.size).all()
             assert (boxes[:, 2:] > boxes[:, :2]).all()
-            assert np.array_equal(labels, detection_data.item_pool(d.split, len(d.item_images))[1][items])
+            assert np.array_equal(labels, pool_labels[items])
             assert (visible >= cfg.min_visible).all() and (visible <= 1).all()
     # training canvases are made of training images, test canvases of test images, and no test item (object or
     # clutter) has the pixels of any training item
