@@ -49,7 +49,9 @@ class Experiment:
     """What :func:`run` needs from a task. ``batches(gen)`` yields one epoch of batches in an order drawn
     from ``gen``; ``loss(model, batch)`` is the training loss (it may itself run an attack);
     ``evaluate(model)`` returns every metric (in eval mode, set by the caller; gradients are on, for attacks);
-    ``tracked(model)`` names the scale-invariant weights whose norms are followed."""
+    ``tracked(model)`` names the scale-invariant weights whose norms are followed; ``final(model)``, if given,
+    keeps more from each trained model in its run's ``extras`` (e.g. sample outputs), and ``extra_plots``
+    draws more PNGs from the results."""
 
     name: str
     title: str
