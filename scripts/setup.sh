@@ -4,7 +4,7 @@
 #
 #   bash scripts/setup.sh                 # .venv with the library and the torch-adamp command (torch-adamp compare)
 #   bash scripts/setup.sh test,docs       # the library's extras, comma-separated (see pyproject.toml)
-#   TORCH_ADAMP_REPRODUCE=0 bash scripts/setup.sh   # the library alone, without reproduce/ (and its matplotlib, tqdm)
+#   TORCH_ADAMP_REPRODUCE=0 bash scripts/setup.sh   # the library alone, without reproduce/ (and its matplotlib, tqdm, pycocotools)
 #
 # Needs only Python >= 3.10 with its venv module (Debian/Ubuntu: apt-get install python3-venv).
 # The venv is ./.venv unless $TORCH_ADAMP_VENV names another folder; an existing one is reused.

@@ -321,6 +321,6 @@ def test_cli_runs_tasks_and_writes_the_summary(monkeypatch, tmp_path, capsys):
 def test_default_budgets_are_the_documented_ones():
     """docs/reproduction.md states these; a change must update the doc."""
     assert [(n, t.seeds) for n, t in tasks.TASKS.items()] == [
-        ("classification", 3), ("retrieval", 5), ("adversarial", 3), ("bias", 5),
+        ("classification", 3), ("retrieval", 5), ("detection", 3), ("adversarial", 3), ("bias", 5),
         ("language", 3), ("language-plain", 3), ("audio", 3),
     ]  # fmt: skip

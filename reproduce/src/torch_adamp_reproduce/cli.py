@@ -2,9 +2,9 @@
 
 Provided by this package (``reproduce/`` of the repository), not by the library:
 ``bash scripts/setup.sh`` installs it, or ``pip install -e reproduce`` from a
-clone. matplotlib and tqdm (its dependencies) are imported only when a
-subcommand runs. Errors are one line on stderr and a non-zero exit status (2 for
-bad options or missing data).
+clone. matplotlib and tqdm (its dependencies; pycocotools too, for the
+detection task) are imported only when a subcommand runs. Errors are one
+line on stderr and a non-zero exit status (2 for bad options or missing data).
 """
 
 from __future__ import annotations
@@ -347,6 +347,8 @@ def run_reproduce(args: argparse.Namespace, log: Callable[[str], None] = print) 
     unknown = [n for n in names if n not in tasks.TASKS]
     if unknown:
         raise UsageError(f"unknown task(s) {', '.join(unknown)}; choose among {', '.join(tasks.TASKS)}")
+    if "detection" in names:
+        require("pycocotools")  # the COCO AP of the detection task
     out = _prepare(args)
     start = time.perf_counter()
     results = {}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..training import LABELS, PROJECTED
-from . import adversarial, audio, bias, classification, common, language, retrieval
+from . import adversarial, audio, bias, classification, common, detection, language, retrieval
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,13 @@ TASKS: dict[str, Task] = {
             5,
             retrieval.PAPER,
             _build(retrieval),
+        ),
+        Task(
+            "detection",
+            "CenterNet from scratch on cluttered Fashion-MNIST canvases; COCO AP (pycocotools)",
+            3,
+            detection.PAPER,
+            _build(detection),
         ),
         Task(
             "adversarial",
@@ -118,6 +125,8 @@ def run_task(
         exp = task.build(epochs)
         res = common.run(exp, seed_list, quiet=quiet, log=log)
         common.plot(res, out)
+        if exp.extra_plots is not None:
+            exp.extra_plots(res, out)
         table = common.format_table(exp, res["summary"])
     res["paper"] = task.paper
     res["wall_seconds"] = time.perf_counter() - start

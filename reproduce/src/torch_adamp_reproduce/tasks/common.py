@@ -49,7 +49,9 @@ class Experiment:
     """What :func:`run` needs from a task. ``batches(gen)`` yields one epoch of batches in an order drawn
     from ``gen``; ``loss(model, batch)`` is the training loss (it may itself run an attack);
     ``evaluate(model)`` returns every metric (in eval mode, set by the caller; gradients are on, for attacks);
-    ``tracked(model)`` names the scale-invariant weights whose norms are followed."""
+    ``tracked(model)`` names the scale-invariant weights whose norms are followed; ``final(model)``, if given,
+    keeps more from each trained model in its run's ``extras`` (e.g. sample outputs), and ``extra_plots``
+    draws more PNGs from the results."""
 
     name: str
     title: str
@@ -71,6 +73,10 @@ class Experiment:
     param_groups: Callable[[nn.Module], Iterable[tuple[str, nn.Parameter]]] | None = None
     #: further weights whose projection share (SGDP/AdamP) is recorded, without joining the norms
     watched: Callable[[nn.Module], list[str]] | None = None
+    #: anything else to keep from the trained model (eval mode), stored in the run's ``extras``
+    final: Callable[[nn.Module], dict[str, Any]] | None = None
+    #: further PNGs from results.json's content, written into the task's folder by ``run_task``
+    extra_plots: Callable[[dict[str, Any], Path], list[Path]] | None = None
 
 
 @dataclass
@@ -84,6 +90,7 @@ class RunResult:
     projected_by_weight: dict[str, float] | None
     seconds: float
     curves: dict[str, list[float]] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # Experiment.final's result
 
 
 def _evaluate(exp: Experiment, model: nn.Module) -> dict[str, float]:
@@ -141,6 +148,10 @@ def train_one(exp: Experiment, name: str, seed: int, on_step: Callable[[float], 
                     curves[k].append(v)
             if on_step is not None:
                 on_step(value)
+    extras: dict[str, Any] = {}
+    if exp.final is not None:
+        model.eval()
+        extras = exp.final(model)
     by_weight = (
         {n: statistics.fmean(p[i] for p in projected) for i, n in enumerate([*names, *watched])} if projected else None
     )
@@ -154,6 +165,7 @@ def train_one(exp: Experiment, name: str, seed: int, on_step: Callable[[float], 
         projected_by_weight=by_weight,
         seconds=time.perf_counter() - start,
         curves=curves,
+        extras=extras,
     )
 
 
