@@ -46,12 +46,33 @@ TIMM_DEFAULTS: dict[str, dict[str, Any]] = {
 NAMES = {"tadamp": "adamp", "tsgdp": "sgdp"}
 
 
+def install_hint() -> str:
+    """What to install for ``import timm`` to work beside the installed torch (timm imports torchvision, which
+    must be the build made for that torch: a plain ``pip install timm`` replaces a CPU torch by PyPI's CUDA
+    build, and PyPI's torchvision does not import beside a CPU torch)."""
+    import torch
+
+    base, _, label = torch.__version__.partition("+")
+    parts = base.split(".")
+    if parts[0] != "2" or not parts[1].isdigit():
+        return f"timm with a torchvision built for torch {torch.__version__}"
+    series = f"0.{int(parts[1]) + 15}.*"
+    if label:  # +cpu, +cu128, ...: PyTorch's own index for that variant
+        index = f" --index-url https://download.pytorch.org/whl/{label}"
+    else:  # PyPI's default build (CUDA on Linux, CPU elsewhere): its torchvision is on PyPI too
+        index = ""
+    return (
+        f"timm with the torchvision built for torch {torch.__version__}: from a clone, bash scripts/setup.sh timm; "
+        f"by hand, pip install 'torch=={torch.__version__}' 'torchvision=={series}'{index}, then pip install timm"
+    )
+
+
 def _default_registry() -> Any:
     try:
         factory = importlib.import_module("timm.optim._optim_factory")
     except Exception as e:  # ImportError, or a torchvision built for another torch
         raise ImportError(
-            f"torch_adamp.integrations.timm.register needs an importable timm (pip install timm): "
+            f"torch_adamp.integrations.timm.register needs an importable timm ({install_hint()}): "
             f"{type(e).__name__}: {e}"
         ) from e
     return factory.default_registry
