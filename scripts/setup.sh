@@ -127,19 +127,21 @@ if [ "$want_timm" = 1 ]; then
     say "timm: already installed, with a torchvision that imports"
     exit 0
   fi
-  torch_pin=$("$venv/bin/python" -c 'import torch; print(torch.__version__)')
+  # the distribution's version says where torch came from: 2.13.0+cpu / +cu128 from PyTorch's index, 2.13.0 from
+  # PyPI (whose wheels still report torch.__version__ "2.13.0+cu130" at run time)
+  torch_pin=$("$venv/bin/python" -c 'from importlib.metadata import version; print(version("torch"))')
   if plan=$("$venv/bin/python" - "${TORCH_INDEX_URL:-}" 2>&1 <<'PY'
 import re
 import subprocess
 import sys
-
-import torch
+from importlib.metadata import version
 
 index_env = sys.argv[1]
-base, _, label = torch.__version__.partition("+")  # "2.13.0", "cpu" / "cu128" / "" (PyPI's default build)
+torch_version = version("torch")
+base, _, label = torch_version.partition("+")  # "2.13.0", "cpu" / "cu128" / "" (PyPI's build)
 major, minor = (int(x) for x in base.split(".")[:2])
 if major != 2:
-    sys.exit(f"torch {torch.__version__}: this script knows the torchvision of torch 2.x only")
+    sys.exit(f"torch {torch_version}: this script knows the torchvision of torch 2.x only")
 series = f"0.{minor + 15}."
 
 
@@ -169,7 +171,7 @@ for source in sources:
         print(source or "")
         sys.exit(0)
 where = " or ".join(s or "the indexes pip is configured with" for s in sources)
-sys.exit(f"no torchvision {series}x{'+' + label if label else ''} (the build for torch {torch.__version__}) is listed on {where}")
+sys.exit(f"no torchvision {series}x{'+' + label if label else ''} (the build for torch {torch_version}) is listed on {where}")
 PY
   ); then
     tv_version=$(echo "$plan" | sed -n 1p)
@@ -189,8 +191,7 @@ PY
   fi
   say "error: timm not installed: $reason."
   say "  timm needs a torchvision built for this torch; torch $torch_pin and every other package are as they were."
-  say "  Where download.pytorch.org is reachable, this script takes it from there; by hand (CPU build):"
-  say "    pip install 'torch==$torch_pin' 'torchvision==$("$venv/bin/python" -c 'import torch; m = int(torch.__version__.split(".")[1]); print(f"0.{m + 15}.*")')' --index-url https://download.pytorch.org/whl/cpu && pip install timm"
-  say "  or use a torch/torchvision pair from one index (e.g. PyPI's CUDA builds on Linux, which run on the CPU too)."
+  hint=$("$venv/bin/python" -c 'from torch_adamp.integrations.timm import install_hint; print(install_hint())')
+  say "  What to install: $hint"
   exit 3  # everything else is installed and ready (CI goes on without timm on status 3)
 fi
