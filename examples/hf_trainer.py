@@ -1,7 +1,7 @@
 """Hugging Face ``transformers.Trainer`` with torch_adamp's AdamP, built by the Trainer.
 
     bash scripts/setup.sh examples             # or: pip install transformers accelerate (beside your torch)
-    python examples/hf_trainer.py              # a tiny randomly initialised Llama, 60 steps (about 10 s)
+    python examples/hf_trainer.py              # a tiny randomly initialised Llama, 60 steps (about 8 s of CPU time)
     python examples/hf_trainer.py --trainer-groups   # the Trainer's own decay / no-decay groups
 
 The idiomatic route is ``Trainer(..., optimizer_cls_and_kwargs=(AdamP, kwargs))``: the Trainer builds the

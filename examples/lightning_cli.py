@@ -1,7 +1,7 @@
 """LightningCLI with torch_adamp's optimizers chosen on the command line, no optimizer code in the module.
 
     bash scripts/setup.sh examples      # lightning, and jsonargparse[signatures], the parser LightningCLI needs
-    python examples/lightning_cli.py fit                                   # AdamP, this file's defaults
+    python examples/lightning_cli.py fit            # AdamP with this file's defaults, 60 steps (about 6 s of CPU time)
     python examples/lightning_cli.py fit --optimizer torch_adamp.AdamP --optimizer.lr 1e-3 \\
         --optimizer.weight_decay 0.05 --optimizer.track_stats true
     python examples/lightning_cli.py fit --optimizer torch_adamp.integrations.lightning.SGDP \\
