@@ -286,3 +286,21 @@ def test_readme_quickstart_runs_and_prints_the_loss(capsys: pytest.CaptureFixtur
     exec(compile(code.group(1), "README.md", "exec"), {})
     losses = [float(v) for v in re.findall(r"step \d: loss ([-0-9.einf]+)", capsys.readouterr().out)]
     assert len(losses) == 3 and finite(losses)
+
+
+def test_no_page_installs_the_package_from_an_index() -> None:
+    """The package is on no index yet: no page, example or message says ``pip install torch-adamp[...]`` (the
+    clone's ``pip install -e .`` / ``scripts/setup.sh`` are the routes). The changelog keeps its history."""
+    root = EXAMPLES.parent
+    pattern = re.compile(r"pip install\s+(?:-\S+\s+)*[\"']?torch[-_]adamp(?:-reproduce)?(?:\[|[\"'\s`]|$)", re.M)
+    files = [root / "README.md", root / "reproduce" / "README.md", *sorted((root / "docs").rglob("*.md"))]
+    files += [*sorted(EXAMPLES.glob("*.py")), *sorted((root / "src").rglob("*.py"))]
+    files += [*sorted((root / "reproduce" / "src").rglob("*.py")), *sorted((root / "tests").glob("*.py"))]
+    files += [*sorted((root / "scripts").glob("*.sh")), root / ".ci" / "run"]
+    found = [
+        f"{path.relative_to(root)}: {m.group(0)!r}"
+        for path in files
+        if path.name != "test_examples.py" and path.name != "changelog.md"
+        for m in pattern.finditer(path.read_text())
+    ]
+    assert not found, found
