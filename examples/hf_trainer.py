@@ -7,8 +7,8 @@
 The idiomatic route is ``Trainer(..., optimizer_cls_and_kwargs=(AdamP, kwargs))``: the Trainer builds the
 optimizer itself, after it has placed the model on its device, and builds its usual scheduler
 (``lr_scheduler_type``, ``warmup_steps``) around it. Give ``lr`` in ``kwargs``: on this route the Trainer
-passes only ``kwargs`` and the parameters to the class, so ``TrainingArguments.learning_rate`` and
-``weight_decay`` are not used for the optimizer (the schedule scales the ``lr`` given here).
+passes only ``kwargs`` and the parameters to the class, so ``TrainingArguments.learning_rate`` is not used
+(the class default would be; the schedule scales the ``lr`` given here).
 
 The parameters: put ``"params": param_groups(model, weight_decay=...)`` in ``kwargs`` and the Trainer uses
 those groups (no weight decay on 1-D parameters, the usual split; ``param_groups(..., example_inputs=x)``
