@@ -130,6 +130,8 @@ if [ "$want_timm" = 1 ]; then
   # the distribution's version says where torch came from: 2.13.0+cpu / +cu128 from PyTorch's index, 2.13.0 from
   # PyPI (whose wheels still report torch.__version__ "2.13.0+cu130" at run time)
   torch_pin=$("$venv/bin/python" -c 'from importlib.metadata import version; print(version("torch"))')
+  tv_before=$("$venv/bin/python" -c 'from importlib.metadata import version; print(version("torchvision"))' 2>/dev/null ||
+    true)
   if plan=$("$venv/bin/python" - "${TORCH_INDEX_URL:-}" 2>&1 <<'PY'
 import re
 import subprocess
@@ -183,8 +185,11 @@ PY
       "$venv/bin/python" -c "$tv_check; import timm; print(f'setup: ready: timm {timm.__version__}, torchvision {torchvision.__version__}')" >&2
       exit 0
     fi
-    # installed but not importable (or not installed): remove it, so that nothing imports a broken torchvision
-    "${pip[@]}" uninstall -q -y torchvision >/dev/null 2>&1 || true
+    # installed but not importable (or not installed): remove what this step added, so that nothing imports a
+    # broken torchvision (one that was there before is left to the user, below)
+    if [ -z "$tv_before" ]; then
+      "${pip[@]}" uninstall -q -y torchvision >/dev/null 2>&1 || true
+    fi
     reason="torchvision $tv_version did not install or import beside torch $torch_pin"
   else
     reason=$plan
@@ -193,5 +198,9 @@ PY
   say "  timm needs a torchvision built for this torch; torch $torch_pin and every other package are as they were."
   hint=$("$venv/bin/python" -c 'from torch_adamp.integrations.timm import install_hint; print(install_hint())')
   say "  What to install: $hint"
+  if [ -n "$tv_before" ] && ! "$venv/bin/python" -c "$tv_check" >/dev/null 2>&1; then
+    say "  Note: the torchvision $tv_before installed here does not import beside this torch, which also breaks"
+    say "  packages that import it (transformers): 'pip uninstall torchvision' removes it."
+  fi
   exit 3  # everything else is installed and ready (CI goes on without timm on status 3)
 fi
