@@ -197,6 +197,11 @@ def paired_gain(base: Sequence[float], proj: Sequence[float], higher_is_better: 
     return {"mean": m, "std": sd, "stderr": se, "verdict": verdict, "per_seed": d}
 
 
+def se_text(se: float, fmt: str) -> str:
+    """A standard error as printed: ``n/a`` for a single seed (``paired_gain`` stores NaN: no spread to estimate)."""
+    return "n/a" if math.isnan(se) else f"{se:{fmt}}"
+
+
 def summarize(exp: Experiment, runs: Sequence[RunResult]) -> dict[str, Any]:
     """Per optimizer: mean and std (over seeds) of every metric, the weight norm and the effective step;
     per projected optimizer: the paired gain over its baseline on every metric."""
@@ -236,7 +241,7 @@ def format_table(exp: Experiment, summary: dict[str, Any]) -> str:
         lines.append(f"{row['label']:<10}" + "".join(f" {c:>17}" for c in cells))
     for proj, g in summary["gains"].items():
         parts = [
-            f"{m.label} {g[m.key]['mean']:+{m.fmt}} (se {g[m.key]['stderr']:{m.fmt}}, {g[m.key]['verdict']})"
+            f"{m.label} {g[m.key]['mean']:+{m.fmt}} (se {se_text(g[m.key]['stderr'], m.fmt)}, {g[m.key]['verdict']})"
             for m in exp.metrics
         ]
         lines.append(f"{LABELS[proj]} - {LABELS[PROJECTED[proj]]} (> 0 is a gain): " + "; ".join(parts))
