@@ -621,15 +621,26 @@ def main(argv: list[str] | None = None, *, prog: str = "benchmarks/step_time.py"
         "interleaved in one process. On the 2-core development machine, 1 thread: --quick takes about a "
         "minute, the full run about 7 minutes."
         + (" Exit status 1 when a speed target is not met (--no-targets: always 0)." if check_targets else ""),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, of {', '.join(SETS)}")
-    parser.add_argument("--families", default="adam,sgd", help="comma-separated, of adam, sgd, lion")
-    parser.add_argument("--paths", default=",".join(DEFAULT_PATHS), help=f"comma-separated, of {', '.join(PATHS)}")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per optimizer (15; --quick: 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per optimizer first (>= 1)")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the run (default 1)")
-    parser.add_argument("--scale", type=int, default=None, help="divide dimensions >= 16 by this (1; --quick: 4)")
+    # every default is stated once, in its help text (no ArgumentDefaultsHelpFormatter: it would add
+    # "(default: None)" to the options whose default depends on --quick)
+    parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, of {', '.join(SETS)} (default: all)")
+    parser.add_argument(
+        "--families", default="adam,sgd", help="comma-separated, of adam, sgd, lion (default: adam,sgd)"
+    )
+    parser.add_argument(
+        "--paths",
+        default=",".join(DEFAULT_PATHS),
+        help=f"comma-separated, of {', '.join(PATHS)} (default: {','.join(DEFAULT_PATHS)})",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed steps per optimizer (default: 15; with --quick: 5)"
+    )
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per optimizer first, >= 1 (default: 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the run (default: 1)")
+    parser.add_argument(
+        "--scale", type=int, default=None, help="divide dimensions >= 16 by this (default: 1; with --quick: 4)"
+    )
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer steps")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-temporary measurement")
     if check_targets:

@@ -29,7 +29,7 @@ from torch_adamp import SGDP, AdamP
 # deepspeed is imported only in the spawned ranks and the example (importing it here would load its
 # accelerator machinery into the test process)
 if importlib.util.find_spec("deepspeed") is None:
-    pytest.skip("needs deepspeed (DS_BUILD_OPS=0 pip install 'torch-adamp[deepspeed]')", allow_module_level=True)
+    pytest.skip("needs deepspeed (in the clone: DS_BUILD_OPS=0 pip install -e '.[deepspeed]')", allow_module_level=True)
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
     reason="needs torch.distributed with gloo",

@@ -30,6 +30,7 @@ default path to the multi-tensor implementation).
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import json
@@ -406,15 +407,8 @@ def load() -> ctypes.CDLL | None:
         try:
             try:
                 path, build_seconds = build()
-            except OSError as exc:  # an unsafe or unwritable cache directory: build in a private temporary one
-                if isinstance(exc, UnsafeCacheError):
-                    warnings.warn(
-                        f"torch_adamp: not using the kernel cache ({exc}); building in a private temporary "
-                        "directory instead (set TORCH_ADAMP_CACHE_DIR to a directory only you can write)",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-                path, build_seconds = build(Path(tempfile.mkdtemp(prefix="torch_adamp_")))
+            except OSError as exc:  # an unsafe or unwritable cache directory: the per-user fallback
+                path, build_seconds = _build_elsewhere(exc)
             lib = ctypes.CDLL(str(path))
             _bind(lib)
         except Exception as exc:  # no compiler, failed build, unloadable object
@@ -438,6 +432,35 @@ def load() -> ctypes.CDLL | None:
         library_path = path
         _lib = lib
         return _lib
+
+
+def fallback_dir() -> Path:
+    """The cache of every process whose own cannot be used: one private directory per user in the system's
+    temporary directory (``torch_adamp-<uid>``), reused, so that such processes build once, not each."""
+    user = str(os.getuid()) if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return Path(tempfile.gettempdir()) / f"torch_adamp-{user}"
+
+
+def _build_elsewhere(reason: OSError) -> tuple[Path, float]:
+    """Build where the cache could not be used (``reason``: unwritable, or refused as unsafe), saying so once:
+    in :func:`fallback_dir`, or, where that is unsafe or unwritable too, in a temporary directory removed
+    when the process exits (never a compiled library left behind per process)."""
+    where = cache_dir()
+    try:
+        path, seconds = build(fallback_dir())
+        instead = f"using {fallback_dir()} instead, shared by this user's processes"
+    except OSError as second:
+        scratch = Path(tempfile.mkdtemp(prefix="torch_adamp_"))
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        path, seconds = build(scratch)
+        instead = f"{fallback_dir()} cannot be used either ({second}): building in {scratch}, removed at exit"
+    warnings.warn(
+        f"torch_adamp: the kernel cache {where} cannot be used ({type(reason).__name__}: {reason}); {instead}. "
+        "Set TORCH_ADAMP_CACHE_DIR to a directory only you can write to keep the build between processes.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return path, seconds
 
 
 def extra_flags() -> tuple[str, ...]:

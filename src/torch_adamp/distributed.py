@@ -79,6 +79,8 @@ def _is_flat(p: Tensor) -> bool:
     from ``__dict__``, without the exception a missing ``getattr`` costs at every step)."""
     if p.dim() >= 2:
         return False
+    if torch.compiler.is_compiling():  # dynamo does not trace __dict__ (and traces getattr without raising)
+        return bool(getattr(p, "_fsdp_flattened", False) or getattr(p, "_is_flat_param", False))
     marks = p.__dict__
     return bool(marks) and bool(marks.get("_fsdp_flattened") or marks.get("_is_flat_param"))
 

@@ -73,7 +73,7 @@ class ProjectedOptimizer(TrackStats, Optimizer):
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         # every group carries every base option (a subclass may leave out those it does not take: capturable)
-        defaults = {**BASE_DEFAULTS, **defaults}
+        defaults = {**defaults, **{k: v for k, v in BASE_DEFAULTS.items() if k not in defaults}}
         checked = {**defaults, "lr": 0.0} if defaults["lr"] is required else dict(defaults)  # then checked per group
         if checked["lr_max"] is None:
             checked["lr_max"] = 1.0  # each group gets its own when it is added (its lr), checked then

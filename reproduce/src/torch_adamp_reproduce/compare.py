@@ -54,6 +54,30 @@ BASELINE_CLASSES["adamwc"] = 'torch_adamp.AdamP(scale_invariant=False, corrected
 BASELINE_CLASSES["adampc"] = "torch_adamp.AdamP(corrected_weight_decay=True)"
 #: every name ``--optimizers`` accepts (the default set is OPTIMIZERS)
 CHOICES = OPTIMIZERS + tuple(n for w in WRAPPABLE for n in (w, f"{w}+p")) + tuple(FOLLOWUPS)
+#: the distribution that provides each module of SOURCES (what to install)
+DISTRIBUTIONS = {"torchao.optim": "torchao", "lion_pytorch": "lion-pytorch"}
+
+
+def missing_packages(names: Sequence[str]) -> dict[str, str]:
+    """For each of ``names`` whose optimizer comes from a package that does not import here: what it needs
+    (``{"lion": "lion-pytorch (not installed)"}``); empty when every optimizer can be built."""
+    import importlib
+
+    missing: dict[str, str] = {}
+    for name in dict.fromkeys(names):
+        module = SOURCES.get(name.removesuffix("+p"))
+        if module is None:
+            continue
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name is not None and module.startswith(e.name):
+                missing[name] = f"{DISTRIBUTIONS[module]} (not installed)"
+            else:  # the package is there, one of its own imports is not
+                missing[name] = f"{DISTRIBUTIONS[module]}, which does not import here ({e})"
+        except Exception as e:  # e.g. a torchao built for another torch
+            missing[name] = f"{DISTRIBUTIONS[module]}, which does not import here ({type(e).__name__}: {e})"
+    return missing
 
 
 @dataclass

@@ -43,7 +43,7 @@ def _available() -> bool:
 
 
 def _assume_constant_result(fn: Callable[[], bool]) -> Callable[[], bool]:
-    """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo`` (2-3 s) when
+    """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo`` (seconds) when
     torch_adamp is imported: it only marks ``fn`` (tests/test_compile.py checks it is the same mark)."""
     fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
     return fn

@@ -189,10 +189,10 @@ CHUNK_ELEMENTS = 1 << 22
 def _chunks(tensors: Sequence[Tensor], limit: int) -> list[list[int]]:
     """Consecutive indices of ``tensors`` in runs of at most ``limit`` elements (a larger tensor alone)."""
     out: list[list[int]] = []
-    size = limit
+    size = 0
     for i, t in enumerate(tensors):
         n = t.numel()
-        if size + n > limit:
+        if not out or (size + n > limit and out[-1]):
             out.append([])
             size = 0
         out[-1].append(i)

@@ -5,10 +5,9 @@
        d  = g + momentum b   (nesterov)   or   b
        w <- f w - lr d                     (f: decay divided by 1 - momentum)
 
-   d costs no square root or division, so sweep B re-derives it from the stored buffer instead of staging it.
-   Measured, this beats a read-only first pass on every parameter set: sweep A mixes reads and writes, which
-   stream faster than reads alone, and B reads from the cache for all but the largest tensors. Without
-   nesterov, with project_momentum, the projected d is the new buffer (variant 2). */
+   d costs no square root or division, so sweep B re-derives it from the stored buffer instead of staging it
+   (why that beats a read-only first pass here, as measured: docs/performance.md). Without nesterov, with
+   project_momentum, the projected d is the new buffer (variant 2). */
 #ifndef TA_RULE_SGDP_H
 #define TA_RULE_SGDP_H
 #define RULE sgdp
