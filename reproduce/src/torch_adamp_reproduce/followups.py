@@ -64,6 +64,15 @@ def norm_shrink(epoch: list[float], norm: list[float]) -> float:
     return norm[half] / norm[-1]
 
 
+#: logged steps (100 per run) of the gradient norm's running mean in the figure
+SMOOTH = 7
+
+
+def running_mean(y: list[float], k: int) -> list[float]:
+    """The mean of each value and the up to ``k - 1`` values before it."""
+    return [statistics.fmean(y[max(0, i - k + 1) : i + 1]) for i in range(len(y))]
+
+
 def run(cfg: Config, out: Path, log: Any = print) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     data = fashion_mnist.load(train_size=cfg.train_size, test_size=cfg.test_size, image_size=14)
@@ -168,7 +177,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     colors = {"adamw": "tab:blue", "adamwc": "tab:cyan", "adamp": "tab:red", "adampc": "tab:orange"}
     panels = (
-        ("grad_norm", "gradient norm of the conv weights", False),
+        ("grad_norm", f"gradient norm of the conv weights ({SMOOTH}-log running mean)", False),
         ("weight_norm", "conv-weight norm", False),
         ("effective_step", "lr / |w|^2 (mean over conv weights)", True),
     )
@@ -177,6 +186,8 @@ def plot(results: dict[str, Any], path: Path) -> Path:
             mine = [r for r in results["runs"] if r["optimizer"] == name]
             x = mine[0]["curves"]["log_epoch"]
             ys = [r["curves"][key] for r in mine]
+            if key == "grad_norm":  # per-batch norms: a running mean shows the trend
+                ys = [running_mean(y, SMOOTH) for y in ys]
             mean = [statistics.fmean(v) for v in zip(*ys, strict=True)]
             ax.plot(x, mean, color=colors[name], label=compare.LABELS[name], lw=1.3)
             if len(ys) > 1:
@@ -219,7 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adam-weight-decay", type=float, default=d.adam_weight_decay)
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--out", default="results/followups")
+    p.add_argument(
+        "--plot-only", action="store_true", help="redraw OUT/followups.png and the table from OUT/results.json"
+    )
     a = p.parse_args(argv)
+    if a.plot_only:
+        results = json.loads((Path(a.out) / "results.json").read_text())
+        plot(results, Path(a.out) / "followups.png")
+        (Path(a.out) / "followups.md").write_text(format_table(results) + "\n")
+        print(format_table(results))
+        return 0
     cfg = Config(a.epochs, a.seeds, a.first_seed, a.train_size, a.test_size, a.adam_lr, a.adam_weight_decay, a.threads)
     results = run(cfg, Path(a.out))
     print(format_table(results))
