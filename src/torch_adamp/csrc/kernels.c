@@ -13,32 +13,5 @@ TA_ABI_QUERY(torch_adamp_args_abi, TA_ARGS_FIELDS)
 TA_ABI_QUERY(torch_adamp_rows_args_abi, TA_ROWS_ARGS_FIELDS)
 #undef TA_ABI_STRUCT
 
-#define T float
-#define SQRT sqrtf
-#define FMA fmaf
-#define FABS fabsf
-#define FN(name) TA_CAT(name, _f32)
-#define STREAM_COPY stream_copy_f32
-#include "rows.h"
-#include "projected.h"
-#undef T
-#undef SQRT
-#undef FMA
-#undef FABS
-#undef FN
-#undef STREAM_COPY
-
-#define T double
-#define SQRT sqrt
-#define FMA fma
-#define FABS fabs
-#define FN(name) TA_CAT(name, _f64)
-#define STREAM_COPY stream_copy_f64
-#include "rows.h"
-#include "projected.h"
-#undef T
-#undef SQRT
-#undef FMA
-#undef FABS
-#undef FN
-#undef STREAM_COPY
+#define TA_TYPED_A "projected.h"
+#include "typed.h"

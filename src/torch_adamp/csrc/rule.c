@@ -10,34 +10,6 @@
 #error "compile with -DTA_RULE_HEADER='\"rules/<rule>.h\"' (torch_adamp/_native.py does)"
 #endif
 
-#define T float
-#define SQRT sqrtf
-#define FMA fmaf
-#define FABS fabsf
-#define FN(name) TA_CAT(name, _f32)
-#define STREAM_COPY stream_copy_f32
-#include "rows.h"
-#include TA_RULE_HEADER
-#include "driver.h"
-#undef T
-#undef SQRT
-#undef FMA
-#undef FABS
-#undef FN
-#undef STREAM_COPY
-
-#define T double
-#define SQRT sqrt
-#define FMA fma
-#define FABS fabs
-#define FN(name) TA_CAT(name, _f64)
-#define STREAM_COPY stream_copy_f64
-#include "rows.h"
-#include TA_RULE_HEADER
-#include "driver.h"
-#undef T
-#undef SQRT
-#undef FMA
-#undef FABS
-#undef FN
-#undef STREAM_COPY
+#define TA_TYPED_A TA_RULE_HEADER
+#define TA_TYPED_B "driver.h"
+#include "typed.h"
