@@ -97,6 +97,9 @@ case ",$extras," in
     # the timm integration's tests load timm's optimizer registry from the installed files; --no-deps
     # because timm's torchvision dependency would replace the CPU torch by the CUDA build
     "${pip[@]}" install -q --no-deps timm
+    # the follow-ups' equality tests (tests/test_corrected_decay.py, test_orthograd.py) against pytorch_optimizer's
+    # AdamC and OrthoGrad (pinned: the tests match its conventions): --no-deps (it declares torch; numpy is ours)
+    "${pip[@]}" install -q --no-deps "pytorch_optimizer==4.1.0"
     # the DeepSpeed tests: DS_BUILD_OPS=0 builds no ops at install time (torch's CPU build is kept; at first use
     # DeepSpeed JIT-builds its small shared-memory op with ninja, installed with it, and g++)
     DS_BUILD_OPS=0 "${pip[@]}" install -q -e ".[deepspeed]"

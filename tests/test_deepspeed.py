@@ -172,6 +172,9 @@ OPTIONS = [
     (SGDP, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}),
     (SGDP, {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}),
     (SGDP, {"lr": 0.1, "momentum": 0.9, "project_momentum": False, "dampening": 0.1, "weight_decay": 1e-3}),
+    # corrected_weight_decay (k = lr / lr_max = 0.25): the projected weights' decay, and every weight's
+    (AdamP, {"lr": 1e-2, "weight_decay": 0.5, "corrected_weight_decay": True, "lr_max": 0.04}),
+    (SGDP, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2, "corrected_weight_decay": "all", "lr_max": 0.4}),
 ]
 
 

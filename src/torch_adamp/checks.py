@@ -17,6 +17,8 @@ from torch import Tensor
 #: the ``scale_invariant`` option: the paper's cosine test, always one view, or never
 ScaleInvariant = Literal["auto", "channel", "layer"] | bool
 SCALE_INVARIANT_CHOICES: tuple[ScaleInvariant, ...] = ("auto", "channel", "layer", False)
+#: the ``corrected_weight_decay`` option: off, the weights the projection judged scale-invariant, or every weight
+CorrectedDecay = Literal["all"] | bool
 
 #: a check: ``check(name, value)`` raises ``ValueError`` naming the option for a value it cannot take
 Check = Callable[[str, Any], None]
@@ -77,6 +79,38 @@ def scale_invariant(name: str, value: object) -> None:
         )
     if not any(value is c or (isinstance(value, str) and value == c) for c in SCALE_INVARIANT_CHOICES):
         raise ValueError(f"Invalid {name} value: {value!r}; expected one of 'auto', 'channel', 'layer', False")
+
+
+def corrected_weight_decay(name: str, value: object) -> None:
+    """``False``, ``True`` (the weights the projection judges scale-invariant at the step) or ``"all"``."""
+    if not (value is False or value is True or (isinstance(value, str) and value == "all")):
+        raise ValueError(f"Invalid {name} value: {value!r}; expected False, True or 'all'")
+
+
+def lr_max(name: str, value: object) -> None:
+    """``None`` (filled with the group's lr when the group is added) or a finite number > 0."""
+    if value is None:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value < math.inf:
+        raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number > 0 (the schedule's peak lr)")
+
+
+def correction(group: dict[str, Any]) -> None:
+    """``corrected_weight_decay`` needs ``lr_max`` (checked where both are known: a group, the functional API)."""
+    if group.get("corrected_weight_decay", False) is not False and group.get("lr_max") is None:
+        raise ValueError(
+            "Invalid lr_max value: None; corrected_weight_decay scales the decay by lr / lr_max, so lr_max (the "
+            "schedule's peak lr) must be given (optimizers fill it with the group's lr when a group is added with "
+            "the correction on; set group['lr_max'] when turning it on later)"
+        )
+
+
+def lr_value(lr: Any) -> float | None:
+    """The number a group's ``lr`` holds (read once, when a group is added: the default ``lr_max``), or ``None``
+    where it has none to read (a meta-device tensor)."""
+    if isinstance(lr, Tensor):
+        return None if lr.device.type == "meta" else float(lr.detach().reshape(()).item())
+    return float(lr)
 
 
 def scaling_tensors(opt: Any) -> tuple[Tensor | None, Tensor | None]:

@@ -145,6 +145,14 @@ def _layout(p: Tensor, project: bool, what: Callable[[], str]) -> _Layout:
     return _Layout(shape, pl.dim % len(shape) >= 1, mesh.get_group(d))
 
 
+def sum_layout(p: Tensor, what: Callable[[], str]) -> _Layout:
+    """The layout of a tensor whose sums over *all* its elements are wanted (OrthoGrad's per-tensor sums): one
+    row of its whole number of elements, summed over its shard group where it is sharded (any dimension, 1-D
+    tensors included: a sum over every element is complete once the ranks' sums are added)."""
+    lay = _layout(p, True, what)
+    return _Layout((1, max(1, p.numel())), False, lay.group)
+
+
 def _projects(p: Tensor, mode: Any) -> bool:
     return mode is not False and projectable(p.shape)
 

@@ -158,7 +158,8 @@ def _run_kernel(
     a.meta = meta.buffer_info()[0]
     a.views = codes.data_ptr()
     a.lr = lr
-    a.eps, a.weight_decay, a.delta, a.wd_ratio = float(o.eps), float(o.weight_decay), float(o.delta), float(o.wd_ratio)
+    wd, wd_ratio = tail.decay_terms(o, lr)  # corrected_weight_decay folded in (the C decay takes the numbers)
+    a.eps, a.weight_decay, a.delta, a.wd_ratio = float(o.eps), float(wd), float(o.delta), float(wd_ratio)
     a.maximize = bool(o.maximize)
     a.mode = _mode(o)
     a.threads = max(1, torch.get_num_threads())
@@ -261,13 +262,30 @@ class _OpOptions:
         self.eps, self.weight_decay, self.delta, self.wd_ratio = common[:4]
         self.maximize = bool(common[4])
         self.scale_invariant = _MODE_NAMES[int(common[5])]
+        self.corrected_weight_decay = _CORRECTED_NAMES[int(common[6])]
+        self.lr_max = common[7]
         for (name, _), value in zip(rule.kernel_fields, args, strict=True):
             setattr(self, name, value)
 
 
+_CORRECTED: dict[Any, int] = {False: 0, True: 1, "all": 2}
+_CORRECTED_NAMES = {v: k for k, v in _CORRECTED.items()}
+
+
 def _common(o: Options) -> list[float]:
-    """What the custom op passes of the options every rule has: eps, weight decay, delta, wd_ratio, maximize, mode."""
-    return [float(o.eps), float(o.weight_decay), float(o.delta), float(o.wd_ratio), float(o.maximize), float(_mode(o))]
+    """What the custom op passes of the options every rule has: eps, weight decay, delta, wd_ratio, maximize, mode,
+    corrected_weight_decay and lr_max (the op reads a tensor lr: the correction is computed there)."""
+    corrected = _CORRECTED[o.corrected_weight_decay]
+    return [
+        float(o.eps),
+        float(o.weight_decay),
+        float(o.delta),
+        float(o.wd_ratio),
+        float(o.maximize),
+        float(_mode(o)),
+        float(corrected),
+        float(o.lr_max) if o.lr_max is not None else 0.0,
+    ]
 
 
 def _register_op(name: str) -> Any:
