@@ -155,3 +155,20 @@ def parameters(group: dict[str, Any], params: Sequence[Any], optimizer: str, *, 
             raise ValueError(
                 f"{what} has dtype {p.dtype}; {optimizer} steps float32, float64, float16 and bfloat16 parameters only"
             )
+
+
+def betas(name: str, betas: Any) -> None:
+    """A pair ``(beta1, beta2)`` of numbers in ``[0, 1)`` (one-element CPU tensors too, as torch.optim.Adam
+    takes them: their values are read here, when the group is built)."""
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid {name} value: {betas!r}; expected a pair (beta1, beta2)")
+    for k, b in enumerate(betas):
+        if isinstance(b, Tensor):  # as torch.optim.Adam takes them; their values are read to the host here
+            if b.numel() != 1 or not b.is_floating_point() or not b.is_cpu:
+                raise ValueError(
+                    f"Invalid beta parameter at index {k}: {b!r}; a tensor beta must be a one-element float "
+                    "tensor on the CPU (its value is read when the group is built, never at a step on a device)"
+                )
+            b = b.item()
+        if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {k}: {b!r}; expected 0 <= beta < 1")

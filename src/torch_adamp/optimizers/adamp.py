@@ -74,19 +74,7 @@ class AdamPRule(Rule[AdamPOptions]):
     renames: ClassVar[dict[str, tuple[str, ...]]] = {"betas": ("beta1", "beta2")}
 
     def check_group(self, group: dict[str, Any]) -> None:
-        betas = group["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"Invalid betas value: {betas!r}; expected a pair (beta1, beta2)")
-        for k, b in enumerate(betas):
-            if isinstance(b, Tensor):  # as torch.optim.Adam takes them; their values are read to the host here
-                if b.numel() != 1 or not b.is_floating_point() or not b.is_cpu:
-                    raise ValueError(
-                        f"Invalid beta parameter at index {k}: {b!r}; a tensor beta must be a one-element float "
-                        "tensor on the CPU (its value is read when the group is built, never at a step on a device)"
-                    )
-                b = b.item()
-            if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0.0 <= b < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {k}: {b!r}; expected 0 <= beta < 1")
+        checks.betas("betas", group["betas"])
 
     def direction(
         self,

@@ -39,7 +39,6 @@ from ..rule import (
     Tensors,
     option,
 )
-from .adamp import AdamPRule
 
 __all__ = ["LIONP_RULE", "LionP", "LionPOptions", "LionPRule", "lionp"]
 
@@ -59,7 +58,7 @@ class LionPRule(Rule[LionPOptions]):
     renames: ClassVar[dict[str, tuple[str, ...]]] = {"betas": ("beta1", "beta2")}
 
     def check_group(self, group: dict[str, Any]) -> None:
-        AdamPRule.check_group(self, group)  # type: ignore[arg-type]  # the same betas pair (0 <= beta < 1)
+        checks.betas("betas", group["betas"])
 
     def direction(
         self,
