@@ -124,9 +124,10 @@ def check_flat(
     """
     if group.get("scale_invariant") is False:
         return
+    flat = _is_flat_traced if torch.compiler.is_compiling() else _is_flat
     for i, p in enumerate(params):
         name, p = p if isinstance(p, tuple) else (None, p)
-        if isinstance(p, Tensor) and _is_flat(p):
+        if isinstance(p, Tensor) and flat(p):
             what = f"parameter {name!r}" if name is not None else describe(i, p)
             raise FlatParameterError(_flat_message(what, p, optimizer))
 
