@@ -76,7 +76,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from torch_adamp import SGDP, AdamP, _native, projection
+from torch_adamp import SGDP, AdamP, LionP, Projected, _native, projection
 from torch_adamp.engine import Backend
 from torch_adamp.engine import native as _native_backend
 
@@ -194,6 +194,9 @@ def decisions(params: Sequence[Tensor]) -> dict[str, int]:
 LR = 1e-10
 ADAM_HP: dict[str, Any] = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 SGD_HP: dict[str, Any] = dict(momentum=0.9)
+#: the Lion family (LionP, lion-pytorch's Lion alone and under Projected) against torch's AdamW (ADAM_HP)
+LION_HP: dict[str, Any] = dict(betas=(0.9, 0.99), weight_decay=1e-2)
+FAMILIES = ("adam", "sgd", "lion")
 PATHS = ("torch", "reference", "single", "foreach", "fused", "default", "compiled")
 DEFAULT_PATHS = ("torch", "reference", "single", "foreach", "fused", "default")
 
@@ -234,8 +237,53 @@ def _maker(cls: Any, backend: str | None = None, **kwargs: Any) -> Maker:
     return make
 
 
+def _lion_pytorch() -> Any:
+    try:
+        import lion_pytorch
+    except ImportError:
+        return None
+    return lion_pytorch
+
+
+def _projected_lion(params: list[Tensor]) -> torch.optim.Optimizer:
+    return Projected(_lion_pytorch().Lion(params, lr=LR, **LION_HP))
+
+
+def lion_catalogue(paths: Sequence[str]) -> list[Entry]:
+    """The Lion family: torch's AdamW (the yardstick), lion-pytorch's Lion alone and under ``Projected``
+    (its "reference" rows: what LionP replaces), and LionP by path."""
+    entries: list[Entry] = []
+    if "torch" in paths:
+        for flag in ("foreach", "fused"):
+            entries.append(
+                Entry(
+                    f"torch AdamW({flag}=True)", "lion", "torch", _maker(torch.optim.AdamW, **ADAM_HP, **{flag: True})
+                )
+            )
+    if "reference" in paths and _lion_pytorch() is not None:
+        entries.append(Entry("lion_pytorch.Lion", "lion", "reference", _maker(_lion_pytorch().Lion, **LION_HP)))
+        entries.append(Entry("Projected(lion_pytorch.Lion)", "lion", "reference", _projected_lion))
+    options: dict[str, dict[str, bool]] = {
+        "single": {"foreach": False},
+        "foreach": {"foreach": True},
+        "fused": {"fused": True},
+    }
+    for path, opts in options.items():
+        if path in paths:
+            flag = ", ".join(f"{k}={v}" for k, v in opts.items())
+            backend = "native" if path == "fused" and _native_backend.available() else None
+            entries.append(
+                Entry(f"LionP({flag})", "lion", path, _maker(LionP, backend, **LION_HP, **opts), "lionp", backend)
+            )
+    if "default" in paths:
+        entries.append(Entry("LionP() default", "lion", "default", None, "lionp"))
+    return entries
+
+
 def catalogue(family: str, paths: Sequence[str]) -> list[Entry]:
     """The optimizers of one family, in table order (torch, reference, ours by path)."""
+    if family == "lion":
+        return lion_catalogue(paths)
     adam = family == "adam"
     torch_cls: Any = torch.optim.AdamW if adam else torch.optim.SGD
     ours: Any = AdamP if adam else SGDP
@@ -369,9 +417,11 @@ def bandwidth(numel: int, repeats: int = 5) -> tuple[float, float]:
 
 def bytes_moved(params: Sequence[Tensor], family: str, projected: bool) -> int:
     """Lower bound of the memory traffic of one step (see the module docstring)."""
-    per = 28 if family == "adam" else 20
+    per = 28 if family == "adam" else 20  # Lion: read w, g, m, write w, m
     total = sum(per * p.numel() for p in params)
-    if projected and family == "adam":  # the copy of w made by the speculative sweep (native kernel)
+    if projected and family == "lion":  # a second read of w and g of projectable tensors (u is staged)
+        total += sum(8 * p.numel() for p in params if projection.projectable(p))
+    elif projected and family == "adam":  # the copy of w made by the speculative sweep (native kernel)
         total += sum(
             4 * p.numel() for p in params if projection.projectable(p) and p.numel() * 4 > _native_backend.STAGE_BYTES
         )
@@ -475,15 +525,15 @@ class Result:
 def report_family(
     family: str, entries: list[Entry], params: list[Tensor], bw: tuple[float, float], log: Callable[[str], None]
 ) -> None:
-    tname = "AdamW" if family == "adam" else "SGD"
+    tname = "SGD" if family == "sgd" else "AdamW"
     ref_f = next((e for e in entries if e.path == "torch" and "foreach" in e.name), None)
     ref_u = next((e for e in entries if e.path == "torch" and "fused" in e.name), None)
-    hp = ADAM_HP if family == "adam" else SGD_HP
+    hp = {"adam": ADAM_HP, "sgd": SGD_HP, "lion": LION_HP}[family]
     hp_s = ", ".join(f"{k}={v}" for k, v in hp.items())
     reps = max((len(e.times) for e in entries), default=0)
     log(
-        f"  {'Adam' if family == 'adam' else 'SGD'} family ({hp_s}; lr={LR:g}): medians of {reps} interleaved rounds "
-        "(ratios: median of the per-round ratios)"
+        f"  {family.capitalize() if family != 'sgd' else 'SGD'} family ({hp_s}; lr={LR:g}): medians of {reps} "
+        "interleaved rounds (ratios: median of the per-round ratios)"
     )
     head = f"    {'optimizer':44s} {'median ms':>10s} {'min ms':>9s} {f'/ {tname}(foreach)':>16s}"
     head += f" {f'/ {tname}(fused)':>14s} {'state MiB':>10s} {'peak temp MiB':>14s}"
@@ -496,8 +546,8 @@ def report_family(
         log(
             f"    {name:44s} {med:10.1f} {lo:9.1f} {r1:16.2f} {r2:14.2f} {_mib(e.state_bytes)} {_mib(e.peak_temp):>14s}"
         )
-    ours = "AdamP" if family == "adam" else "SGDP"
-    b_torch = bytes_moved(params, family, projected=False)
+    ours = {"adam": "AdamP", "sgd": "SGDP", "lion": "LionP"}[family]
+    b_torch = bytes_moved(params, "adam" if family == "lion" else family, projected=False)
     b_ours = bytes_moved(params, family, projected=True)
     n = sum(p.numel() for p in params)
     achieved = ", ".join(
@@ -526,6 +576,7 @@ TARGETS = (
     ("sgd", "default", "foreach", 1.3),
     ("adam", "fused", "fused", 1.3),
     ("sgd", "fused", "fused", 1.3),
+    ("lion", "fused", "fused", 1.3),  # LionP's fused step against torch's fused AdamW (issue 27)
 )
 
 
@@ -544,7 +595,7 @@ def targets(results: list[Result], log: Callable[[str], None]) -> bool:
             r = ratio(ours, base)
             verdict = "met" if r <= limit else "NOT met"
             ok = ok and r <= limit
-            oname = ("AdamP" if family == "adam" else "SGDP") + f" {ours_path}"
+            oname = {"adam": "AdamP", "sgd": "SGDP", "lion": "LionP"}[family] + f" {ours_path}"
             log(f"  {res.set_key:9s} {oname:14s} / {base.name:38s} = {r:5.2f}  (<= {limit}: {verdict})")
     return ok
 
@@ -570,15 +621,26 @@ def main(argv: list[str] | None = None, *, prog: str = "benchmarks/step_time.py"
         "interleaved in one process. On the 2-core development machine, 1 thread: --quick takes about a "
         "minute, the full run about 7 minutes."
         + (" Exit status 1 when a speed target is not met (--no-targets: always 0)." if check_targets else ""),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, of {', '.join(SETS)}")
-    parser.add_argument("--families", default="adam,sgd", help="comma-separated, of adam, sgd")
-    parser.add_argument("--paths", default=",".join(DEFAULT_PATHS), help=f"comma-separated, of {', '.join(PATHS)}")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per optimizer (15; --quick: 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per optimizer first (>= 1)")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the run (default 1)")
-    parser.add_argument("--scale", type=int, default=None, help="divide dimensions >= 16 by this (1; --quick: 4)")
+    # every default is stated once, in its help text (no ArgumentDefaultsHelpFormatter: it would add
+    # "(default: None)" to the options whose default depends on --quick)
+    parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, of {', '.join(SETS)} (default: all)")
+    parser.add_argument(
+        "--families", default="adam,sgd", help="comma-separated, of adam, sgd, lion (default: adam,sgd)"
+    )
+    parser.add_argument(
+        "--paths",
+        default=",".join(DEFAULT_PATHS),
+        help=f"comma-separated, of {', '.join(PATHS)} (default: {','.join(DEFAULT_PATHS)})",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed steps per optimizer (default: 15; with --quick: 5)"
+    )
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per optimizer first, >= 1 (default: 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the run (default: 1)")
+    parser.add_argument(
+        "--scale", type=int, default=None, help="divide dimensions >= 16 by this (default: 1; with --quick: 4)"
+    )
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer steps")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-temporary measurement")
     if check_targets:
@@ -588,7 +650,7 @@ def main(argv: list[str] | None = None, *, prog: str = "benchmarks/step_time.py"
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    for name, given, allowed in (("set", sets, SETS), ("family", families, ("adam", "sgd")), ("path", paths, PATHS)):
+    for name, given, allowed in (("set", sets, SETS), ("family", families, FAMILIES), ("path", paths, PATHS)):
         bad = [x for x in given if x not in allowed]
         if bad:
             parser.error(f"unknown {name} {', '.join(bad)}; expected some of {', '.join(allowed)}")

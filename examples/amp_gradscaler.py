@@ -1,6 +1,6 @@
 """Mixed precision with AdamP: autocast + GradScaler, or parameters stored in bfloat16.
 
-    python examples/amp_gradscaler.py                       # autocast(float16) + GradScaler, ~20 s on a CPU
+    python examples/amp_gradscaler.py                       # autocast(float16) + GradScaler, about 9 s of CPU time
     python examples/amp_gradscaler.py --mode bf16-params    # bfloat16 parameters, no scaler
 
 Runs on CUDA when available, else on the CPU (autocast and GradScaler work there too). The task is

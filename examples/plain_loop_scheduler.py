@@ -1,6 +1,6 @@
 """A plain PyTorch training loop with AdamP (or SGDP), an LR schedule and the optimizer's diagnostics.
 
-    python examples/plain_loop_scheduler.py                    # 300 steps, about 12 s on 1 CPU thread
+    python examples/plain_loop_scheduler.py                    # 300 steps, about 6 s of CPU time (1 thread)
     python examples/plain_loop_scheduler.py --optimizer sgdp
 
 What it shows:

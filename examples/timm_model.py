@@ -1,8 +1,15 @@
 """A timm model trained with torch_adamp's AdamP (or SGDP), built by timm's own optimizer factory.
 
-    pip install timm                      # needs a torchvision built for your torch
+    bash scripts/setup.sh timm            # timm, with the torchvision built for the installed torch
     python examples/timm_model.py --model resnet18 --steps 20
     python examples/timm_model.py --help                          # works without timm
+
+timm imports torchvision, which must be the build made for your torch: a plain ``pip install timm`` on
+Linux replaces a CPU torch by PyPI's newest CUDA build, and PyPI's torchvision does not import beside a
+CPU torch ("operator torchvision::nms does not exist"). ``scripts/setup.sh timm`` installs the matching
+build (``torchvision==0.(X+15).*`` for torch 2.X, ``+cpu`` from https://download.pytorch.org/whl/cpu for
+a CPU torch) and timm, or stops, changing nothing, where none can be had; without timm this script says
+what to install.
 
 ``torch_adamp.integrations.timm.register()`` adds ``tadamp`` and ``tsgdp`` to timm's factory, so
 ``timm.optim.create_optimizer_v2(model, "tadamp", ...)`` (or timm's ``train.py --opt tadamp``)
@@ -23,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from torch_adamp.integrations.timm import register
+from torch_adamp.integrations.timm import install_hint, register
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -45,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         import timm  # after parsing, so that --help works without timm
     except Exception as e:  # ImportError, or a torchvision built for another torch
-        sys.exit(f"this example needs timm with a torchvision built for torch {torch.__version__}: {e}")
+        sys.exit(f"this example needs {install_hint()}. ({type(e).__name__}: {str(e).splitlines()[0]})")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

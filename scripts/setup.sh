@@ -4,7 +4,9 @@
 #
 #   bash scripts/setup.sh                 # .venv with the library and the torch-adamp command (torch-adamp compare)
 #   bash scripts/setup.sh test,docs       # the library's extras, comma-separated (see pyproject.toml)
-#   TORCH_ADAMP_REPRODUCE=0 bash scripts/setup.sh   # the library alone, without reproduce/ (and its matplotlib, tqdm)
+#   TORCH_ADAMP_REPRODUCE=0 bash scripts/setup.sh   # the library alone, without reproduce/ (and its matplotlib, tqdm, pycocotools)
+#   bash scripts/setup.sh timm            # + timm, with the torchvision built for the installed torch (see below);
+#                                         # exit status 3 where none can be had (the rest installed, nothing broken)
 #
 # Needs only Python >= 3.10 with its venv module (Debian/Ubuntu: apt-get install python3-venv).
 # The venv is ./.venv unless $TORCH_ADAMP_VENV names another folder; an existing one is reused.
@@ -73,6 +75,11 @@ else
   "${pip[@]}" install -q "torch==$TORCH_VERSION" --index-url "$CPU_INDEX"
 fi
 
+# `timm` is not an extra of the package (a requirement cannot say "the torchvision built for this torch"):
+# it is handled at the end, and taken out of the list given to pip
+want_timm=0
+case ",$extras," in *,timm,*) want_timm=1 ;; esac
+extras=$(echo ",$extras," | sed -e 's/,timm,/,/g' -e 's/^,*//' -e 's/,*$//')
 if [ -n "$extras" ]; then
   say "torch-adamp (editable) with the extras [$extras]"
   "${pip[@]}" install -q -e ".[$extras]"
@@ -90,6 +97,9 @@ case ",$extras," in
     # the timm integration's tests load timm's optimizer registry from the installed files; --no-deps
     # because timm's torchvision dependency would replace the CPU torch by the CUDA build
     "${pip[@]}" install -q --no-deps timm
+    # the follow-ups' equality tests (tests/test_corrected_decay.py, test_orthograd.py) against pytorch_optimizer's
+    # AdamC and OrthoGrad (pinned: the tests match its conventions): --no-deps (it declares torch; numpy is ours)
+    "${pip[@]}" install -q --no-deps "pytorch_optimizer==4.1.0"
     # the DeepSpeed tests: DS_BUILD_OPS=0 builds no ops at install time (torch's CPU build is kept; at first use
     # DeepSpeed JIT-builds its small shared-memory op with ninja, installed with it, and g++)
     DS_BUILD_OPS=0 "${pip[@]}" install -q -e ".[deepspeed]"
@@ -105,3 +115,95 @@ import torch_adamp
 assert torch.__version__.split("+")[0] == sys.argv[1], torch.__version__
 print(f"setup: ready: torch {torch.__version__}, torch-adamp {torch_adamp.__version__} in {sys.prefix}", file=sys.stderr)
 PY
+
+# timm imports torchvision, which must be the build made for the installed torch: the matching version
+# (torch 2.X -> torchvision 0.(X+15)) *and* the same variant (CPU, a CUDA version, or PyPI's default). A plain
+# `pip install timm` does not ensure that: it takes PyPI's newest torchvision, which pins its own torch, and
+# replaces the installed torch (a CPU build by the ~3 GB CUDA one). Here torchvision is chosen from the
+# indexes' listings (+cpu / +cuXYZ / no label, as torch's version says), installed with torch pinned, and
+# kept only if it imports; then timm, with both pinned. Where no such torchvision can be had (the CPU builds
+# are only on download.pytorch.org and its mirrors), it stops with the reason and leaves torch and every
+# other package as they were.
+if [ "$want_timm" = 1 ]; then
+  tv_check='import torch, torchvision; torchvision.ops.nms(torch.zeros(1, 4), torch.ones(1), 0.5)'
+  if "$venv/bin/python" -c "$tv_check; import timm" >/dev/null 2>&1; then
+    say "timm: already installed, with a torchvision that imports"
+    exit 0
+  fi
+  # the distribution's version says where torch came from: 2.13.0+cpu / +cu128 from PyTorch's index, 2.13.0 from
+  # PyPI (whose wheels still report torch.__version__ "2.13.0+cu130" at run time)
+  torch_pin=$("$venv/bin/python" -c 'from importlib.metadata import version; print(version("torch"))')
+  tv_before=$("$venv/bin/python" -c 'from importlib.metadata import version; print(version("torchvision"))' 2>/dev/null ||
+    true)
+  if plan=$("$venv/bin/python" - "${TORCH_INDEX_URL:-}" 2>&1 <<'PY'
+import re
+import subprocess
+import sys
+from importlib.metadata import version
+
+index_env = sys.argv[1]
+torch_version = version("torch")
+base, _, label = torch_version.partition("+")  # "2.13.0", "cpu" / "cu128" / "" (PyPI's build)
+major, minor = (int(x) for x in base.split(".")[:2])
+if major != 2:
+    sys.exit(f"torch {torch_version}: this script knows the torchvision of torch 2.x only")
+series = f"0.{minor + 15}."
+
+
+def listing(index: str | None) -> list[str]:
+    cmd = [sys.executable, "-m", "pip", "index", "versions", "torchvision", *(["--index-url", index] if index else [])]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    found = re.search(r"Available versions: (.*)", out)
+    return found.group(1).split(", ") if found else []
+
+
+def key(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", v.partition("+")[0]))
+
+
+# where each variant lives: the +cpu/+cuXYZ builds on PyTorch's index (or a mirror/disk pip already sees),
+# PyPI's default build on PyPI
+sources: list[str | None] = [index_env] if index_env else [None]
+if not index_env and label:
+    sources.append(f"https://download.pytorch.org/whl/{label}")
+for source in sources:
+    fit = [v for v in listing(source) if v.startswith(series) and v.partition("+")[2] == label]
+    if fit:
+        print(max(fit, key=key))
+        print(source or "")
+        sys.exit(0)
+where = " or ".join(s or "the indexes pip is configured with" for s in sources)
+sys.exit(f"no torchvision {series}x{'+' + label if label else ''} (the build for torch {torch_version}) is listed on {where}")
+PY
+  ); then
+    tv_version=$(echo "$plan" | sed -n 1p)
+    tv_index=$(echo "$plan" | sed -n 2p)
+    say "timm: torchvision $tv_version${tv_index:+ from $tv_index}, the build for torch $torch_pin"
+    if "${pip[@]}" install -q "torchvision==$tv_version" -c <(echo "torch==$torch_pin") ${tv_index:+--index-url "$tv_index"} &&
+      "$venv/bin/python" -c "$tv_check" >/dev/null 2>&1; then
+      "${pip[@]}" install -q timm -c <(printf 'torch==%s\ntorchvision==%s\n' "$torch_pin" "$tv_version")
+      "$venv/bin/python" -c "$tv_check; import timm; print(f'setup: ready: timm {timm.__version__}, torchvision {torchvision.__version__}')" >&2
+      exit 0
+    fi
+    # installed but not importable (or not installed): remove what this step added, so that nothing imports a
+    # broken torchvision (one that was there before is left to the user, below)
+    if [ -z "$tv_before" ]; then
+      "${pip[@]}" uninstall -q -y torchvision >/dev/null 2>&1 || true
+    fi
+    reason="torchvision $tv_version did not install or import beside torch $torch_pin"
+  else
+    reason=$plan
+  fi
+  say "error: timm not installed: $reason."
+  say "  timm needs a torchvision built for this torch; torch $torch_pin and every other package are as they were."
+  hint=$("$venv/bin/python" -c 'from torch_adamp.integrations.timm import install_hint; print(install_hint())')
+  say "  What to install: $hint"
+  if [ -n "$tv_before" ] && ! "$venv/bin/python" -c "$tv_check" >/dev/null 2>&1; then
+    say "  Note: the torchvision $tv_before installed here does not import beside this torch, which also breaks"
+    say "  packages that import it (transformers): 'pip uninstall torchvision' removes it."
+  fi
+  exit 3  # everything else is installed and ready (CI goes on without timm on status 3)
+fi

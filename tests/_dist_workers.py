@@ -253,6 +253,21 @@ def _projected_adamw(params: Any, track_stats: bool = False, **kw: Any) -> torch
 OPTIMIZERS["projected_adamw"] = (_projected_adamw, {"lr": 5e-3, "weight_decay": 1e-2})  # type: ignore[assignment]
 
 
+def _projected_adamw_corrected(params: Any, track_stats: bool = False, **kw: Any) -> torch.optim.Optimizer:
+    return torch_adamp.Projected(
+        torch.optim.AdamW(params, **kw), track_stats=track_stats, corrected_weight_decay="all", lr_max=2e-2
+    )
+
+
+# issue 27: the correction (k = lr / lr_max = 0.25), LionP, and the correction through Projected
+OPTIMIZERS["adamp_corrected"] = (
+    AdamP,
+    {"lr": 5e-3, "weight_decay": 0.5, "corrected_weight_decay": True, "lr_max": 2e-2},
+)
+OPTIMIZERS["lionp"] = (torch_adamp.LionP, {"lr": 1e-3, "weight_decay": 0.1})
+OPTIMIZERS["projected_adamw_corrected"] = (_projected_adamw_corrected, {"lr": 5e-3, "weight_decay": 0.5})  # type: ignore[assignment]
+
+
 def make_opt(kind: str, params: Any, **kw: Any) -> torch.optim.Optimizer:
     cls, hyper = OPTIMIZERS[kind]
     return cls(params, **hyper, **kw)
@@ -355,6 +370,48 @@ def fsdp2_sgdp_shard1(rank: int, tmp: str) -> dict:
 
 def fsdp2_adamp_groups(rank: int, tmp: str) -> dict:
     return _fsdp2_vs_unsharded(rank, "adamp", groups=True)
+
+
+def fsdp2_adamp_corrected(rank: int, tmp: str) -> dict:
+    return _fsdp2_vs_unsharded(rank, "adamp_corrected")
+
+
+def fsdp2_lionp(rank: int, tmp: str) -> dict:
+    return _fsdp2_vs_unsharded(rank, "lionp", dim1=True)
+
+
+def fsdp2_projected_adamw_corrected(rank: int, tmp: str) -> dict:
+    return _fsdp2_vs_unsharded(rank, "projected_adamw_corrected")
+
+
+def fsdp2_orthograd(rank: int, tmp: str) -> dict:
+    """OrthoGrad(AdamW) on FSDP2 (Shard(0) and Shard(1)) against the unsharded model: its per-tensor sums in
+    one collective per step."""
+    from torch.distributed.fsdp import fully_shard
+
+    ref = make_net()
+    model = copy.deepcopy(ref)
+    fully_shard(model.conv, shard_placement_fn=shard_dim1)
+    fully_shard(model)
+    opt = torch_adamp.OrthoGrad(torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=1e-2))
+    opt_ref = torch_adamp.OrthoGrad(torch.optim.AdamW(ref.parameters(), lr=5e-3, weight_decay=1e-2))
+    counts = []
+    for step in range(STEPS):
+        x, y = batch(step, rank)
+        F.mse_loss(model(x), y).backward()
+        ref_backward(ref, step)
+        with count_collectives() as c:
+            opt.step()
+        counts.append(c["python"])
+        opt_ref.step()
+        opt.zero_grad()
+        opt_ref.zero_grad()
+    pairs = [(full(p), q) for p, q in zip(model.parameters(), ref.parameters(), strict=True)]
+    return {
+        "model_rel": rel(torch.cat([p.flatten() for p, _ in pairs]), torch.cat([q.flatten() for _, q in pairs])),
+        "collectives": counts,
+        "placements": {n: str(p.placements) for n, p in model.named_parameters()},
+    }
 
 
 def fsdp2_adamp_f64(rank: int, tmp: str) -> dict:
@@ -690,4 +747,8 @@ ALL = [
     "zero_sgdp",
     "fsdp1_refused",
     "fsdp2_checkpoint",
+    "fsdp2_adamp_corrected",
+    "fsdp2_lionp",
+    "fsdp2_projected_adamw_corrected",
+    "fsdp2_orthograd",
 ]

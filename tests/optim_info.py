@@ -378,6 +378,8 @@ ADAMP_INFO = OptimizerInfo(
         "track_stats",
         "fp32_state",
         "caution",
+        "corrected_weight_decay",
+        "lr_max",
     ),
     state_names=("exp_avg", "exp_avg_sq"),
     has_capturable_arg=True,
@@ -400,6 +402,8 @@ SGDP_INFO = OptimizerInfo(
         "track_stats",
         "fp32_state",
         "caution",
+        "corrected_weight_decay",
+        "lr_max",
     ),
     state_names=("momentum",),
 )
@@ -410,7 +414,15 @@ PROJECTED_ADAMW_INFO = OptimizerInfo(
     projected_error_inputs,
     impls=("forloop", "foreach", "fused", "default"),
     core_inputs=("weight_decay", "amsgrad"),
-    newer_keys=("delta", "wd_ratio", "projection_eps", "scale_invariant", "track_stats"),
+    newer_keys=(
+        "delta",
+        "wd_ratio",
+        "projection_eps",
+        "scale_invariant",
+        "track_stats",
+        "corrected_weight_decay",
+        "lr_max",
+    ),
     state_names=("exp_avg", "exp_avg_sq"),
     has_capturable_arg=True,
     skips=(
@@ -432,7 +444,15 @@ PROJECTED_SGD_INFO = OptimizerInfo(
     projected_error_inputs,
     impls=("forloop", "foreach", "fused", "default"),
     core_inputs=("nesterov", "tensor lr"),
-    newer_keys=("delta", "wd_ratio", "projection_eps", "scale_invariant", "track_stats"),
+    newer_keys=(
+        "delta",
+        "wd_ratio",
+        "projection_eps",
+        "scale_invariant",
+        "track_stats",
+        "corrected_weight_decay",
+        "lr_max",
+    ),
     skips=(("fused", "", _HALF, _TORCH_FUSED_HALF.format("SGD", 1.8)),),
 )
 

@@ -1,9 +1,10 @@
 """The layout is the architecture: layers import only downward, and no module imports itself back.
 
 Every import is counted, including those made inside functions. Layers, from the bottom
-(docs/ARCHITECTURE.md draws them): the projection and the native binding; the rules; the
-engine; sharded-parameter support; the functional API and the optimizer base class; the
-optimizer classes; reference interop; the package, its integrations and ``python -m torch_adamp``.
+(docs/ARCHITECTURE.md draws them): the checks and the native binding; the projection; the rule
+protocol; the engine; sharded-parameter support and the statistics; the optimizer base class;
+the optimizers (one module each) and Projected; the functional API and reference interop; the
+package; its integrations and ``python -m torch_adamp``.
 The ``torch-adamp`` command and the experiments are the package in reproduce/, which the library
 never imports.
 """

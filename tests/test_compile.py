@@ -39,6 +39,22 @@ NATIVE_PATHS = ("fused", "default")
 def make(kind: str, params: Any, **kw: Any) -> torch.optim.Optimizer:
     if kind == "adamp":
         return torch_adamp.AdamP(params, lr=torch.tensor(1e-2), weight_decay=1e-2, **kw)
+    if kind == "adamp_corrected":  # issue 27: the correction computed from the tensor lr, in the graph or the op
+        return torch_adamp.AdamP(
+            params, lr=torch.tensor(1e-2), weight_decay=0.5, corrected_weight_decay=True, lr_max=2e-2, **kw
+        )
+    if kind == "sgdp_all":
+        return torch_adamp.SGDP(
+            params,
+            lr=torch.tensor(1e-2),
+            momentum=0.9,
+            weight_decay=0.1,
+            corrected_weight_decay="all",
+            lr_max=2e-2,
+            **kw,
+        )
+    if kind == "lionp":
+        return torch_adamp.LionP(params, lr=torch.tensor(1e-3), weight_decay=0.1, **kw)
     return torch_adamp.SGDP(params, lr=torch.tensor(1e-2), momentum=0.9, nesterov=True, weight_decay=1e-3, **kw)
 
 
@@ -89,7 +105,7 @@ def fresh_dynamo() -> Iterator[None]:
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("kind", ["adamp", "sgdp"])
+@pytest.mark.parametrize("kind", ["adamp", "sgdp", "adamp_corrected", "sgdp_all", "lionp"])
 def test_fullgraph_without_graph_breaks_or_recompiles(kind: str, path: str) -> None:
     counter = CompileCounterWithBackend("eager")
     eager_model, compiled_model = train_pair(kind, path, counter)
@@ -104,7 +120,16 @@ def test_fullgraph_without_graph_breaks_or_recompiles(kind: str, path: str) -> N
 
 
 # one inductor compile is enough (slow on CPU); aot_eager covers both ops' functionalisation
-@pytest.mark.parametrize(("kind", "backend"), [("adamp", "aot_eager"), ("sgdp", "aot_eager"), ("adamp", "inductor")])
+@pytest.mark.parametrize(
+    ("kind", "backend"),
+    [
+        ("adamp", "aot_eager"),
+        ("sgdp", "aot_eager"),
+        ("adamp", "inductor"),
+        ("lionp", "aot_eager"),
+        ("adamp_corrected", "aot_eager"),
+    ],
+)
 def test_native_custom_op_through_the_compiler(kind: str, backend: str) -> None:
     """The in-place custom op survives functionalisation and inductor: same bits as eager."""
     eager_model, compiled_model = train_pair(kind, "fused", backend, steps=4)

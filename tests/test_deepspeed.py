@@ -29,7 +29,7 @@ from torch_adamp import SGDP, AdamP
 # deepspeed is imported only in the spawned ranks and the example (importing it here would load its
 # accelerator machinery into the test process)
 if importlib.util.find_spec("deepspeed") is None:
-    pytest.skip("needs deepspeed (DS_BUILD_OPS=0 pip install 'torch-adamp[deepspeed]')", allow_module_level=True)
+    pytest.skip("needs deepspeed (in the clone: DS_BUILD_OPS=0 pip install -e '.[deepspeed]')", allow_module_level=True)
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
     reason="needs torch.distributed with gloo",
@@ -172,6 +172,9 @@ OPTIONS = [
     (SGDP, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}),
     (SGDP, {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}),
     (SGDP, {"lr": 0.1, "momentum": 0.9, "project_momentum": False, "dampening": 0.1, "weight_decay": 1e-3}),
+    # corrected_weight_decay (k = lr / lr_max = 0.25): the projected weights' decay, and every weight's
+    (AdamP, {"lr": 1e-2, "weight_decay": 0.5, "corrected_weight_decay": True, "lr_max": 0.04}),
+    (SGDP, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2, "corrected_weight_decay": "all", "lr_max": 0.4}),
 ]
 
 

@@ -83,6 +83,10 @@ FLOAT32 = [
     "fsdp2_sgdp_single_tensor",
     "fsdp2_projected_adamw",
     "fsdp2_projected_adamw_groups",
+    # issue 27: corrected_weight_decay (AdamP, Projected "all"), LionP
+    "fsdp2_adamp_corrected",
+    "fsdp2_projected_adamw_corrected",
+    "fsdp2_lionp",
 ]
 FLOAT64 = ["fsdp2_adamp_f64", "fsdp2_sgdp_f64", "fsdp2_adamp_shard1_f64", "fsdp2_sgdp_shard1_f64"]
 
@@ -198,6 +202,14 @@ def test_fsdp1_flat_parameters_are_refused(results: Any) -> None:
             for msg in (flat, orig):
                 assert "FSDP2" in msg and "fully_shard" in msg and "scale_invariant=False" in msg and cls in msg
         assert r["opt_out_origFalse_steps"] and r["opt_out_origTrue_steps"]
+
+
+def test_fsdp2_orthograd_matches_unsharded_in_one_collective(results: Any) -> None:
+    r0, r1 = scenario(results, "fsdp2_orthograd")
+    assert r1["model_rel"] == r0["model_rel"]  # the same full tensors on both ranks
+    assert r0["placements"]["conv.weight"] == "(Shard(dim=1),)"
+    assert set(r0["collectives"]) == {1}  # the per-tensor sums of every parameter, one all_reduce
+    assert r0["model_rel"] <= 1e-5
 
 
 def test_fsdp2_checkpoint_round_trip_resumes_the_same_trajectory(results: Any) -> None:

@@ -88,8 +88,8 @@ def test_rules_are_found_by_name() -> None:
 def test_every_kernel_rule_has_its_kernel_and_every_kernel_its_rule() -> None:
     """The rules that declare a native kernel are the kernel rules the build compiles (one list)."""
     declared = {name for name, rule in Rule._registry.items() if "native" in rule.kernels}
-    assert declared == set(_native.KERNEL_RULES)
-    for name in _native.KERNEL_RULES:
+    assert declared == set(_native.RULES)
+    for name in _native.RULES:
         assert name in native.OPS  # its custom op, registered from the same list
 
 

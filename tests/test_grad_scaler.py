@@ -83,7 +83,7 @@ def compile_counter() -> Iterator[Any]:
 
 
 def path_kwargs(path: str) -> dict[str, Any]:
-    return {"single": dict(foreach=False), "foreach": dict(foreach=True)}.get(path, dict(fused=True))
+    return {"single": dict(foreach=False), "foreach": dict(foreach=True), "default": {}}.get(path, dict(fused=True))
 
 
 def backend(path: str, *opts: Any) -> Any:
@@ -673,3 +673,51 @@ def test_gradients_are_unscaled_after_a_taken_step(
             scaler.update()
             want = scaled if step in (INF_STEP, NAN_STEP) else gs  # power-of-two scale: exact either way
             assert_bitwise([p.grad for p in ps], want)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("path", ["single", "foreach", "fused", "default"])
+@pytest.mark.parametrize(
+    ("cls", "kw", "atol"),
+    [
+        (torch_adamp.SGDP, {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}, 1e-7),  # torch's strict atol
+        (torch_adamp.SGDP, {}, 1e-7),
+        (torch_adamp.AdamP, {"weight_decay": 1e-2}, 1e-7),
+    ],
+)
+def test_torchs_grad_scaling_case(cls: type, kw: dict[str, Any], atol: float, path: str) -> None:
+    """torch's own GradScaler case (``_create_scaling_case`` of torch.testing, the loop of its
+    ``test_grad_scaling_autocast`` without autocast, which the CPU runs in bfloat16): a control run without
+    scaling, whose skipped iteration is left out by hand, and a scaled run with an inf planted at that
+    iteration; afterwards the gradients, the state and the parameters must agree (torch's assertions, its
+    tolerances). Hardening round 3, item 1: the gradients differed by the scale (65536x by default)."""
+    for enabled in (True, False):
+        torch.manual_seed(0)
+        kwargs = {"lr": 1.0 if cls is torch_adamp.SGDP else 1e-3, **kw, **path_kwargs(path)}
+        # torch.testing._internal.common_cuda._create_scaling_case's case (that module needs expecttest)
+        control = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+        scaling = copy.deepcopy(control)
+        opt_control, opt_scaling = cls(control.parameters(), **kwargs), cls(scaling.parameters(), **kwargs)
+        data = [(torch.randn(8, 8), torch.randn(8, 8)) for _ in range(4)]
+        loss_fn, skip_iter = torch.nn.MSELoss(), 2
+        scaler = torch.amp.GradScaler("cpu", init_scale=128.0, growth_factor=2.0, enabled=enabled, growth_interval=1)
+        for model, opt, try_scaling in ((control, opt_control, False), (scaling, opt_scaling, True)):
+            for i, (x, target) in enumerate(data):
+                opt.zero_grad()
+                loss = loss_fn(model(x), target)
+                if try_scaling:
+                    scaler.scale(loss).backward()
+                    if i == skip_iter and scaler.is_enabled():
+                        with torch.no_grad():
+                            model[1].weight.grad.fill_(float("inf"))  # type: ignore[union-attr]
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    if not scaler.is_enabled() or i != skip_iter:
+                        opt.step()
+        assert scaler.get_scale() == (128.0 * 2.0**3 * 0.5 if enabled else 1.0)
+        for c, s in zip(control.parameters(), scaling.parameters(), strict=True):
+            torch.testing.assert_close(c.grad, s.grad, atol=atol, rtol=1e-5)
+            for k in opt_control.state[c]:
+                torch.testing.assert_close(opt_control.state[c][k], opt_scaling.state[s][k], atol=atol, rtol=1e-5)
+            torch.testing.assert_close(c, s, atol=atol, rtol=1e-5)

@@ -77,9 +77,9 @@ def test_a_shared_cache_directory_is_refused(tmp_path: Path) -> None:
     cache = tmp_path / "shared"
     cache.mkdir()
     cache.chmod(0o777)  # e.g. a group-writable directory on a cluster
-    out = probe(cache)
+    out = probe(cache, TMPDIR=str(tmp_path))
     assert out["loaded"] and Path(out["path"]).parent != cache
-    assert any("not using the kernel cache" in w and "writable by group or others" in w for w in out["warnings"])
+    assert any("cannot be used" in w and "writable by group or others" in w for w in out["warnings"])
     assert not list(cache.glob("*.so"))
 
 
@@ -137,3 +137,40 @@ def test_a_rejected_flag_set_warns_and_is_not_retried(tmp_path: Path) -> None:
     assert second["loaded"] and second["seconds"] == 0.0 and second["path"] == first["path"]
     assert any("no OpenMP threads" in w for w in second["warnings"])
     assert len([line for line in log.read_text().splitlines() if "kernels.c" in line]) == 2
+
+
+def test_an_unusable_cache_falls_back_once_per_user_and_leaves_nothing_per_process(tmp_path: Path) -> None:
+    """Hardening round 3, item 4: where the cache cannot be written (here a path under a regular file, which
+    even root cannot create) every process used to compile again into a new temporary directory, silently,
+    and leave it behind. Now: a warning saying where and why, and one private fallback per user, reused."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    env = {"TMPDIR": str(tmp)}
+    first = probe(blocker / "cache", **env)
+    second = probe(blocker / "cache", **env)
+    fallback = tmp / f"torch_adamp-{os.getuid()}"
+    assert first["loaded"] and first["seconds"] > 0 and Path(first["path"]).parent == fallback
+    assert second["loaded"] and second["seconds"] == 0 and second["path"] == first["path"]  # built once
+    for out in (first, second):
+        (warning,) = [w for w in out["warnings"] if "kernel cache" in w]
+        assert str(blocker / "cache") in warning and "NotADirectoryError" in warning and str(fallback) in warning
+    assert sorted(p.name for p in tmp.iterdir()) == [fallback.name]  # nothing left per process
+    assert fallback.stat().st_mode & 0o777 == 0o700
+
+
+def test_an_unsafe_fallback_builds_in_a_directory_removed_at_exit(tmp_path: Path) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    unsafe = tmp / f"torch_adamp-{os.getuid()}"
+    unsafe.mkdir()
+    unsafe.chmod(0o777)  # writable by others: refused as a cache
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = probe(blocker / "cache", TMPDIR=str(tmp))
+    assert out["loaded"]
+    (warning,) = [w for w in out["warnings"] if "kernel cache" in w]
+    assert "cannot be used either" in warning and "removed at exit" in warning
+    assert sorted(p.name for p in tmp.iterdir()) == [unsafe.name]  # the per-process directory is gone
+    assert list(unsafe.iterdir()) == []

@@ -312,7 +312,7 @@ def _stepped(cls: type, **kw: Any) -> torch.optim.Optimizer:
     ("source", "target", "error", "match"),
     [
         ("sgdp", "adamp", ValueError, "'momentum', an option of the rule 'sgdp', not of AdamP"),
-        ("adamp", "sgdp", ValueError, "'betas', an option of the rule 'adamp', not of SGDP"),
+        ("adamp", "sgdp", ValueError, "'betas', an option of the rule 'adamp' or 'lionp', not of SGDP"),
         ("torch_sgd", "sgdp", KeyError, "has no 'momentum'.*momentum_buffer"),
         ("adamp_without_exp_avg", "adamp", KeyError, "parameter #0 \\(shape \\(6, 4, 3, 3\\)\\).* has no 'exp_avg'"),
         ("adamp_without_step", "adamp", KeyError, "has no 'step'"),

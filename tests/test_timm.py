@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import types
 from collections.abc import Iterator
@@ -29,10 +30,18 @@ def _drop_timm_modules(keep: set[str]) -> None:
         del sys.modules[name]
 
 
+def timm_required() -> bool:
+    """CI names timm in ``$TORCH_ADAMP_REQUIRE`` where its setup installed timm with a matching torchvision: then
+    the real ``import timm`` must work (no shim)."""
+    return "timm" in {m.strip() for m in os.environ.get("TORCH_ADAMP_REQUIRE", "").split(",")}
+
+
 @pytest.fixture
 def factory() -> Iterator[Any]:
     """timm's ``timm.optim._optim_factory``: imported normally when timm imports, else loaded by path."""
     before = {m for m in sys.modules if m == "timm" or m.startswith("timm.")}
+    if timm_required():
+        importlib.import_module("timm")  # the whole package, torchvision included: an error fails the test
     spec = importlib.util.find_spec("timm") if "timm" not in sys.modules else sys.modules["timm"].__spec__
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("timm is not installed (pip install --no-deps timm)")
@@ -148,5 +157,49 @@ def test_an_explicit_registry(factory: Any) -> None:
 
 def test_without_timm_the_error_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "timm.optim._optim_factory", None)  # import raises ImportError
-    with pytest.raises(ImportError, match="needs an importable timm"):
+    with pytest.raises(ImportError, match="needs an importable timm") as e:
         integration.register()
+    assert "scripts/setup.sh timm" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("version", "pin", "index"),
+    [
+        ("2.13.0+cpu", "'torchvision==0.28.*'", "--index-url https://download.pytorch.org/whl/cpu"),
+        ("2.9.1+cu128", "'torchvision==0.24.*'", "--index-url https://download.pytorch.org/whl/cu128"),
+        ("2.14.1", "'torchvision==0.29.*'", None),  # PyPI's own build: its torchvision is on PyPI
+    ],
+)
+def test_install_hint_names_the_matching_torchvision(
+    version: str, pin: str, index: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: version if name == "torch" else "0")
+    hint = integration.install_hint()
+    assert f"'torch=={version}' {pin}" in hint and "pip install timm" in hint
+    assert (index in hint) if index else ("--index-url" not in hint)
+
+
+def test_create_optimizer_v2_adamp_is_ours_after_register_replace() -> None:
+    """The README's route with the real timm: after ``register(replace=True)``,
+    ``timm.optim.create_optimizer_v2(model, "adamp")`` builds torch_adamp.AdamP (where timm imports)."""
+    before = {m for m in sys.modules if m == "timm" or m.startswith("timm.")}
+    try:
+        import timm
+    except Exception as e:
+        _drop_timm_modules(before)  # a partial import of timm
+        if timm_required():
+            raise
+        pytest.skip(f"timm does not import here ({type(e).__name__}): tested through the shim above")
+    from timm.optim import _optim_factory
+
+    saved = dict(_optim_factory.default_registry._optimizers)
+    try:
+        integration.register(replace=True)
+        opt = timm.optim.create_optimizer_v2(model(), "adamp", lr=1e-3, weight_decay=0.05)
+        assert type(opt) is torch_adamp.AdamP and opt.param_groups[0]["wd_ratio"] == 0.01
+        assert type(timm.optim.create_optimizer_v2(model(), "sgdp", lr=0.1)) is torch_adamp.SGDP
+    finally:
+        _optim_factory.default_registry._optimizers.clear()
+        _optim_factory.default_registry._optimizers.update(saved)

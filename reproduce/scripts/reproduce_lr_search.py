@@ -22,6 +22,7 @@ LRS = (1e-3, 3e-3, 1e-2)
 SEED = 100
 TASKS = {
     "retrieval": (reproduce.retrieval, {}),
+    "detection": (reproduce.detection, {}),
     "adversarial": (reproduce.adversarial, {}),
     "bias": (reproduce.bias, {}),
     "language": (reproduce.language, {"weight_norm": True}),

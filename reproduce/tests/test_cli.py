@@ -277,7 +277,32 @@ def test_compare_progress_in_a_log_file(tmp_path) -> None:
     assert text.splitlines()[-1].startswith("AdamP seed 0: 40/40 step (100%)")
 
 
+@pytest.mark.parametrize(
+    ("names", "module", "package"),
+    [("sgd,lion", "lion_pytorch", "lion-pytorch"), ("adamw8bit+p,adamw", "torchao.optim", "torchao")],
+)
+def test_wrapped_optimizer_without_its_package_is_refused_before_training(names, module, package, monkeypatch, capsys):
+    """--optimizers lion / adamw8bit without lion-pytorch / torchao: one line at argument parsing, naming the
+    package and the extra that brings it, before anything is trained."""
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ModuleNotFoundError
+    monkeypatch.setattr(compare, "train_one", lambda *a, **k: pytest.fail("trained before the check"))
+    with pytest.raises(SystemExit) as e:
+        cli.main([*TINY_COMPARE, "--optimizers", names])
+    assert e.value.code == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert package in line and "wrapped" in line and "not installed" in line
+
+
 # -- bench ---------------------------------------------------------------------------------
+def test_bench_help_states_each_default_once(capsys) -> None:
+    with pytest.raises(SystemExit) as e:  # the benchmark's own argparse exits after --help
+        cli.main(["bench", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert out.startswith("usage: torch-adamp bench") and "(default: 15; with --quick: 5)" in out
+    assert "(default: None)" not in out and "(default 1)" not in out and out.count("(default: 1)") == 1
+
+
 def test_bench_outside_a_clone_says_where_the_benchmark_is(monkeypatch, capsys, tmp_path) -> None:
     monkeypatch.setattr(cli, "benchmark_script", lambda: tmp_path / "missing.py")
     assert cli.main(["bench", "--repeats", "3"]) == 2

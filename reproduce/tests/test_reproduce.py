@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -318,9 +319,36 @@ def test_cli_runs_tasks_and_writes_the_summary(monkeypatch, tmp_path, capsys):
     assert set(json.loads((tmp_path / "summary.json").read_text())) == {"bias", "language"}
 
 
+def test_cli_summary_keeps_the_tasks_of_earlier_runs(monkeypatch, tmp_path, capsys):
+    """Each ``reproduce TASK`` run rewrites summary.md and summary.json with every task whose results.json is
+    in OUT (this run's and earlier runs'), in the order of the task list; the printed table is this run's."""
+    tiny = {n: dataclasses.replace(t, build=lambda epochs, n=n: TINY[n](), seeds=2) for n, t in tasks.TASKS.items()}
+    monkeypatch.setattr(tasks, "TASKS", {n: tiny[n] for n in ("bias", "language")})
+    assert cli.main(["reproduce", "language", "--out", str(tmp_path), "-q"]) == 0
+    assert cli.main(["reproduce", "bias", "--out", str(tmp_path), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "with language from earlier runs" in out
+    md = (tmp_path / "summary.md").read_text()
+    assert md.index("| bias |") < md.index("| language |")  # the task list's order
+    assert list(json.loads((tmp_path / "summary.json").read_text())) == ["bias", "language"]
+    (tmp_path / "language" / "results.json").write_text("{not json")  # a broken file is left out, not fatal
+    assert cli.main(["reproduce", "bias", "--out", str(tmp_path), "-q"]) == 0
+    assert "| language |" not in (tmp_path / "summary.md").read_text()
+
+
+def test_a_single_seed_has_no_standard_error_and_says_so(monkeypatch, tmp_path, capsys):
+    """A single seed has no standard error: the tables say n/a (and the verdict "one seed"), never nan."""
+    tiny = {n: dataclasses.replace(t, build=lambda epochs, n=n: TINY[n](), seeds=2) for n, t in tasks.TASKS.items()}
+    monkeypatch.setattr(tasks, "TASKS", {"bias": tiny["bias"]})
+    assert cli.main(["reproduce", "bias", "--seeds", "1", "--out", str(tmp_path), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert not re.search(r"\bnan\b", out, re.I) and "one seed" in out and "n/a" in out
+    assert not re.search(r"\bnan\b", (tmp_path / "summary.md").read_text(), re.I)
+
+
 def test_default_budgets_are_the_documented_ones():
     """docs/reproduction.md states these; a change must update the doc."""
     assert [(n, t.seeds) for n, t in tasks.TASKS.items()] == [
-        ("classification", 3), ("retrieval", 5), ("adversarial", 3), ("bias", 5),
+        ("classification", 3), ("retrieval", 5), ("detection", 3), ("adversarial", 3), ("bias", 5),
         ("language", 3), ("language-plain", 3), ("audio", 3),
     ]  # fmt: skip

@@ -1,9 +1,13 @@
 """The native CPU kernels: build (once per machine, cached) and the ctypes mirror of their ABI.
 
 The sources are C files in ``torch_adamp/csrc`` (``torch_adamp.h``: the ABI, one
-argument struct per call; ``common.h`` and ``rows.h``: the row machinery every
-rule shares; ``adamp.h``, ``sgdp.h``: one rule each; ``kernels.c``: the float32
-and float64 instances). A call steps a whole group of same-dtype tensors with
+argument struct per call; ``common.h``, ``rows.h``: what every sweep shares;
+``driver.h`` (and ``pm_log.h``): the sweep scheme of every rule, written once;
+``rules/<name>.h``: one kernel rule each, its element functions and argument
+struct; ``rule.c``: a rule's translation unit, compiled once per rule header;
+``kernels.c``: the ABI queries and ``Projected``'s sweeps (``projected.h``)),
+linked into one shared object. The kernel rules are the headers in
+``csrc/rules`` (:data:`RULES`). A call steps a whole group of same-dtype tensors with
 the rule's update, the scale-invariance test and the projection, in the
 reference package's operation order element by element (compiled with
 ``-ffp-contract=off``; the projection is the batched form of
@@ -18,14 +22,15 @@ How the sweeps move bytes, and what that measured: docs/performance.md.
 Build: the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``), once per
 machine; the shared object is cached under ``$TORCH_ADAMP_CACHE_DIR`` (default
 ``~/.cache/torch_adamp``), keyed by the sources, the flags, the compiler and the
-CPU. ``$TORCH_ADAMP_NATIVE_CFLAGS`` adds flags (CI builds with sanitizers).
-``TORCH_ADAMP_NATIVE=0`` disables the kernels. When no compiler works,
-:func:`load` returns ``None`` and the callers fall back (the default path to
-the multi-tensor implementation).
+CPU. ``$TORCH_ADAMP_NATIVE_CFLAGS`` adds flags (CI builds with sanitizers, and
+with warnings as errors). ``TORCH_ADAMP_NATIVE=0`` disables the kernels. When no
+compiler works, :func:`load` returns ``None`` and the callers fall back (the
+default path to the multi-tensor implementation).
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import json
@@ -43,11 +48,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-#: the C sources (torch_adamp/csrc), compiled as one translation unit: kernels.c includes the others
+#: the C sources (torch_adamp/csrc)
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("torch_adamp.h", "common.h", "rows.h", "adamp.h", "sgdp.h", "projected.h", "kernels.c")
-#: the rules with a native kernel
-KERNEL_RULES = ("adamp", "sgdp")
+#: the kernel rules: one header each in csrc/rules, named as the rule (``torch_adamp_<name>_f32`` ...)
+RULES: tuple[str, ...] = tuple(sorted(p.stem for p in (SOURCE_DIR / "rules").glob("*.h")))
+#: every C source, relative to :data:`SOURCE_DIR`, sorted (what the cache key hashes)
+SOURCES: tuple[str, ...] = tuple(
+    sorted(str(p.relative_to(SOURCE_DIR).as_posix()) for p in SOURCE_DIR.rglob("*") if p.suffix in (".c", ".h"))
+)
+
+
+def translation_units() -> list[tuple[str, tuple[str, ...]]]:
+    """``(name, compiler arguments)`` of each translation unit: one per kernel rule, and kernels.c."""
+    rule_c = str(SOURCE_DIR / "rule.c")
+    units = [(rule, (f'-DTA_RULE_HEADER="rules/{rule}.h"', rule_c)) for rule in RULES]
+    return [*units, ("kernels", (str(SOURCE_DIR / "kernels.c"),))]
 
 
 def source() -> str:
@@ -223,24 +238,18 @@ def build(directory: Path | None = None, force: bool = False) -> tuple[Path, flo
                 if not force and failed in index:  # this compiler cannot build this flag set: do not retry
                     errors.append(index[failed])
                     continue
-                fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".build-", suffix=".so")
-                os.close(fd)
-                so_tmp = Path(tmp_name)
+                work = Path(tempfile.mkdtemp(dir=out_dir, prefix=".build-"))  # mode 0700
+                so_tmp = work / "kernels.so"
                 try:
                     start = time.perf_counter()
                     try:
-                        res = subprocess.run(
-                            [cc, *flags, *extra_flags(), str(SOURCE_DIR / "kernels.c"), "-o", str(so_tmp), "-lm"],
-                            capture_output=True,
-                            text=True,
-                            timeout=COMPILE_TIMEOUT,
-                        )
+                        res = _compile_and_link(cc, flags, work, so_tmp)
                     except subprocess.TimeoutExpired:  # not recorded: a loaded machine may build it next time
                         errors.append(f"{cc} {' '.join(extra)}: no result after {COMPILE_TIMEOUT:.0f} s")
                         continue
                     seconds = time.perf_counter() - start
-                    if res.returncode != 0:
-                        errors.append(f"{cc} {' '.join(extra)}: {res.stderr.strip()[-300:]}")
+                    if res is not None:
+                        errors.append(f"{cc} {' '.join(extra)}: {res.strip()[-300:]}")
                         index[failed] = errors[-1]
                         _write_index(out_dir, index)
                         continue
@@ -250,9 +259,35 @@ def build(directory: Path | None = None, force: bool = False) -> tuple[Path, flo
                     _write_index(out_dir, index)
                     return target, seconds
                 finally:
-                    so_tmp.unlink(missing_ok=True)
+                    shutil.rmtree(work, ignore_errors=True)
     degraded = None
     raise RuntimeError("could not compile the torch_adamp CPU kernels: " + ("; ".join(errors) or "no C compiler found"))
+
+
+def _compile_and_link(cc: str, flags: tuple[str, ...], work: Path, so: Path) -> str | None:
+    """Compile every translation unit into ``work`` (concurrently, each run to its end), then link them into
+    ``so``; ``None``, or the compiler's first error. Raises ``subprocess.TimeoutExpired`` when the runs take
+    over :data:`COMPILE_TIMEOUT`."""
+    compile_flags = [f for f in (*flags, *extra_flags()) if f != "-shared"]
+    runs = []
+    try:
+        for name, args in translation_units():
+            cmd = [cc, *compile_flags, *args, "-c", "-o", str(work / f"{name}.o")]
+            runs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        deadline = time.monotonic() + COMPILE_TIMEOUT
+        errors = [run.communicate(timeout=max(0.0, deadline - time.monotonic()))[1] for run in runs]
+        failed = [err for run, err in zip(runs, errors, strict=True) if run.returncode != 0]
+        if failed:
+            return failed[0]
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+    objects = [str(work / f"{name}.o") for name, _ in translation_units()]
+    link = [cc, *flags, *extra_flags(), *objects, "-o", str(so), "-lm"]
+    res = subprocess.run(link, capture_output=True, text=True, timeout=COMPILE_TIMEOUT)
+    return res.stderr if res.returncode != 0 else None
 
 
 def _degraded(cc: str, rank: int, errors: list[str]) -> str:
@@ -261,27 +296,26 @@ def _degraded(cc: str, rank: int, errors: list[str]) -> str:
     return f"{cc}: built with {' '.join(FLAG_SETS[rank]) or 'no optional flags'}: {lost[rank]} ({'; '.join(errors)})"
 
 
-class AdamPArgs(ctypes.Structure):
-    """``ta_adamp_args`` of csrc/torch_adamp.h."""
-
-    _fields_ = [("beta1", ctypes.c_double), ("beta2", ctypes.c_double), ("nesterov", ctypes.c_int32)]
-
-
-class SGDPArgs(ctypes.Structure):
-    """``ta_sgdp_args`` of csrc/torch_adamp.h."""
-
-    _fields_ = [
-        ("momentum", ctypes.c_double),
-        ("dampening", ctypes.c_double),
-        ("nesterov", ctypes.c_int32),
-        ("project_momentum", ctypes.c_int32),
-    ]
+#: the C types a kernel rule's argument may have (``Rule.kernel_fields``), as ctypes
+C_TYPES: dict[str, Any] = {
+    "double": ctypes.c_double,
+    "float": ctypes.c_float,
+    "int32": ctypes.c_int32,
+    "int64": ctypes.c_int64,
+}
+_rule_structs: dict[tuple[str, tuple[tuple[str, str], ...]], type[ctypes.Structure]] = {}
 
 
-class RuleArgs(ctypes.Union):
-    """``ta_rule_args``: one member per rule, named as the rule."""
-
-    _fields_ = [("adamp", AdamPArgs), ("sgdp", SGDPArgs)]
+def rule_struct(rule: str, fields: tuple[tuple[str, str], ...]) -> type[ctypes.Structure]:
+    """The ctypes mirror of ``ta_<rule>_args`` (csrc/rules/<rule>.h) from the Python rule's ``kernel_fields``
+    (``(name, C type)`` in the order of the C struct), built once per declaration."""
+    key = (rule, tuple(fields))
+    struct = _rule_structs.get(key)
+    if struct is None:
+        struct = _rule_structs[key] = type(
+            f"ta_{rule}_args", (ctypes.Structure,), {"_fields_": [(name, C_TYPES[ctype]) for name, ctype in fields]}
+        )
+    return struct
 
 
 class Args(ctypes.Structure):
@@ -305,7 +339,7 @@ class Args(ctypes.Structure):
         ("reserved", ctypes.c_int32),
         ("stage_bytes", ctypes.c_int64),
         ("spec_max_bytes", ctypes.c_int64),
-        ("rule", RuleArgs),
+        ("rule", ctypes.c_void_p),  # const ta_<rule>_args*: see rule_struct
         ("views", ctypes.c_void_p),
         ("spec_right", ctypes.c_int64),
         ("spec_wrong", ctypes.c_int64),
@@ -331,20 +365,31 @@ class RowsArgs(ctypes.Structure):
     ]
 
 
+class AbiField(ctypes.Structure):
+    """``ta_abi_field``: one row of an ABI query (csrc/torch_adamp.h)."""
+
+    _fields_ = [("name", ctypes.c_char_p), ("offset", ctypes.c_int64), ("size", ctypes.c_int64)]
+
+
 def _bind(lib: ctypes.CDLL) -> None:
-    for rule in ("adamp", "sgdp"):
+    for rule in RULES:
         for sfx in ("f32", "f64"):
             fn = getattr(lib, f"torch_adamp_{rule}_{sfx}")
             fn.restype = ctypes.c_int  # 0, or -1 when a scratch allocation failed (nothing modified)
             fn.argtypes = [ctypes.POINTER(Args)]
-            fn = getattr(lib, f"torch_adamp_{rule}_spare_{sfx}")
-            fn.restype = ctypes.c_int64
-            fn.argtypes = [ctypes.POINTER(Args)]
+            for query in ("spare", "scratch"):
+                fn = getattr(lib, f"torch_adamp_{rule}_{query}_{sfx}")
+                fn.restype = ctypes.c_int64
+                fn.argtypes = [ctypes.POINTER(Args)]
     for name in ("rows", "before", "after"):
         for sfx in ("f32", "f64"):
             fn = getattr(lib, f"torch_adamp_projected_{name}_{sfx}")
             fn.restype = ctypes.c_int
             fn.argtypes = [ctypes.POINTER(RowsArgs)]
+    for struct in ("args", "rows_args", *RULES):
+        fn = getattr(lib, f"torch_adamp_{struct}_abi")
+        fn.restype = ctypes.POINTER(AbiField)
+        fn.argtypes = []
 
 
 def load() -> ctypes.CDLL | None:
@@ -362,15 +407,8 @@ def load() -> ctypes.CDLL | None:
         try:
             try:
                 path, build_seconds = build()
-            except OSError as exc:  # an unsafe or unwritable cache directory: build in a private temporary one
-                if isinstance(exc, UnsafeCacheError):
-                    warnings.warn(
-                        f"torch_adamp: not using the kernel cache ({exc}); building in a private temporary "
-                        "directory instead (set TORCH_ADAMP_CACHE_DIR to a directory only you can write)",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-                path, build_seconds = build(Path(tempfile.mkdtemp(prefix="torch_adamp_")))
+            except OSError as exc:  # an unsafe or unwritable cache directory: the per-user fallback
+                path, build_seconds = _build_elsewhere(exc)
             lib = ctypes.CDLL(str(path))
             _bind(lib)
         except Exception as exc:  # no compiler, failed build, unloadable object
@@ -396,6 +434,35 @@ def load() -> ctypes.CDLL | None:
         return _lib
 
 
+def fallback_dir() -> Path:
+    """The cache of every process whose own cannot be used: one private directory per user in the system's
+    temporary directory (``torch_adamp-<uid>``), reused, so that such processes build once, not each."""
+    user = str(os.getuid()) if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return Path(tempfile.gettempdir()) / f"torch_adamp-{user}"
+
+
+def _build_elsewhere(reason: OSError) -> tuple[Path, float]:
+    """Build where the cache could not be used (``reason``: unwritable, or refused as unsafe), saying so once:
+    in :func:`fallback_dir`, or, where that is unsafe or unwritable too, in a temporary directory removed
+    when the process exits (never a compiled library left behind per process)."""
+    where = cache_dir()
+    try:
+        path, seconds = build(fallback_dir())
+        instead = f"using {fallback_dir()} instead, shared by this user's processes"
+    except OSError as second:
+        scratch = Path(tempfile.mkdtemp(prefix="torch_adamp_"))
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        path, seconds = build(scratch)
+        instead = f"{fallback_dir()} cannot be used either ({second}): building in {scratch}, removed at exit"
+    warnings.warn(
+        f"torch_adamp: the kernel cache {where} cannot be used ({type(reason).__name__}: {reason}); {instead}. "
+        "Set TORCH_ADAMP_CACHE_DIR to a directory only you can write to keep the build between processes.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return path, seconds
+
+
 def extra_flags() -> tuple[str, ...]:
     """Compiler flags added from ``$TORCH_ADAMP_NATIVE_CFLAGS`` (e.g. sanitizers in CI); part of the cache key."""
     return tuple(os.environ.get("TORCH_ADAMP_NATIVE_CFLAGS", "").split())
@@ -414,3 +481,24 @@ def kernel(rule: str, float64: bool) -> tuple[Any, Any]:
     assert lib is not None
     sfx = "f64" if float64 else "f32"
     return getattr(lib, f"torch_adamp_{rule}_{sfx}"), getattr(lib, f"torch_adamp_{rule}_spare_{sfx}")
+
+
+def scratch_query(rule: str, float64: bool) -> Any:
+    """The C function of ``rule`` that returns the bytes of C heap a step with an :class:`Args` allocates."""
+    lib = load()
+    assert lib is not None
+    return getattr(lib, f"torch_adamp_{rule}_scratch_{'f64' if float64 else 'f32'}")
+
+
+def abi(struct: str) -> tuple[list[tuple[str, int, int]], int, int]:
+    """What the loaded kernels were compiled with for ``struct`` (``"args"``, ``"rows_args"`` or a rule's
+    name): ``([(field, offset, size), ...], sizeof, alignof)``."""
+    lib = load()
+    assert lib is not None
+    rows = getattr(lib, f"torch_adamp_{struct}_abi")()
+    fields = []
+    k = 0
+    while rows[k].name is not None:
+        fields.append((rows[k].name.decode(), rows[k].offset, rows[k].size))
+        k += 1
+    return fields, rows[k].offset, rows[k].size

@@ -17,6 +17,8 @@ from torch import Tensor
 #: the ``scale_invariant`` option: the paper's cosine test, always one view, or never
 ScaleInvariant = Literal["auto", "channel", "layer"] | bool
 SCALE_INVARIANT_CHOICES: tuple[ScaleInvariant, ...] = ("auto", "channel", "layer", False)
+#: the ``corrected_weight_decay`` option: off, the weights the projection judged scale-invariant, or every weight
+CorrectedDecay = Literal["all"] | bool
 
 #: a check: ``check(name, value)`` raises ``ValueError`` naming the option for a value it cannot take
 Check = Callable[[str, Any], None]
@@ -79,6 +81,38 @@ def scale_invariant(name: str, value: object) -> None:
         raise ValueError(f"Invalid {name} value: {value!r}; expected one of 'auto', 'channel', 'layer', False")
 
 
+def corrected_weight_decay(name: str, value: object) -> None:
+    """``False``, ``True`` (the weights the projection judges scale-invariant at the step) or ``"all"``."""
+    if not (value is False or value is True or (isinstance(value, str) and value == "all")):
+        raise ValueError(f"Invalid {name} value: {value!r}; expected False, True or 'all'")
+
+
+def lr_max(name: str, value: object) -> None:
+    """``None`` (filled with the group's lr when the group is added) or a finite number > 0."""
+    if value is None:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value < math.inf:
+        raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number > 0 (the schedule's peak lr)")
+
+
+def correction(group: dict[str, Any]) -> None:
+    """``corrected_weight_decay`` needs ``lr_max`` (checked where both are known: a group, the functional API)."""
+    if group.get("corrected_weight_decay", False) is not False and group.get("lr_max") is None:
+        raise ValueError(
+            "Invalid lr_max value: None; corrected_weight_decay scales the decay by lr / lr_max, so lr_max (the "
+            "schedule's peak lr) must be given (optimizers fill it with the group's lr when a group is added with "
+            "the correction on; set group['lr_max'] when turning it on later)"
+        )
+
+
+def lr_value(lr: Any) -> float | None:
+    """The number a group's ``lr`` holds (read once, when a group is added: the default ``lr_max``), or ``None``
+    where it has none to read (a meta-device tensor)."""
+    if isinstance(lr, Tensor):
+        return None if lr.device.type == "meta" else float(lr.detach().reshape(()).item())
+    return float(lr)
+
+
 def scaling_tensors(opt: Any) -> tuple[Tensor | None, Tensor | None]:
     """GradScaler's ``(opt.grad_scale, opt.found_inf)`` as it sets them for ``step()`` (``None`` when absent),
     checked: ``ValueError`` naming the attribute for anything but a one-element real tensor."""
@@ -121,3 +155,20 @@ def parameters(group: dict[str, Any], params: Sequence[Any], optimizer: str, *, 
             raise ValueError(
                 f"{what} has dtype {p.dtype}; {optimizer} steps float32, float64, float16 and bfloat16 parameters only"
             )
+
+
+def betas(name: str, betas: Any) -> None:
+    """A pair ``(beta1, beta2)`` of numbers in ``[0, 1)`` (one-element CPU tensors too, as torch.optim.Adam
+    takes them: their values are read here, when the group is built)."""
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid {name} value: {betas!r}; expected a pair (beta1, beta2)")
+    for k, b in enumerate(betas):
+        if isinstance(b, Tensor):  # as torch.optim.Adam takes them; their values are read to the host here
+            if b.numel() != 1 or not b.is_floating_point() or not b.is_cpu:
+                raise ValueError(
+                    f"Invalid beta parameter at index {k}: {b!r}; a tensor beta must be a one-element float "
+                    "tensor on the CPU (its value is read when the group is built, never at a step on a device)"
+                )
+            b = b.item()
+        if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {k}: {b!r}; expected 0 <= beta < 1")

@@ -34,7 +34,9 @@ are recognised as replacing the optimizer's own parameters, and supported, in
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -83,6 +85,21 @@ def _is_flat(p: Tensor) -> bool:
     return bool(marks) and bool(marks.get("_fsdp_flattened") or marks.get("_is_flat_param"))
 
 
+_DICT = operator.attrgetter("__dict__")
+
+
+def _any_marked(params: Sequence[Tensor]) -> bool:
+    """Whether FSDP1 marked any of ``params`` (in C-level passes: the common answer, no, costs little)."""
+    return any(map(dict.get, map(_DICT, params), itertools.repeat("_fsdp_flattened"))) or any(
+        map(dict.get, map(_DICT, params), itertools.repeat("_is_flat_param"))
+    )
+
+
+def _is_flat_traced(p: Tensor) -> bool:
+    """:func:`_is_flat` as dynamo traces it (not ``__dict__``; ``getattr`` with a default, without raising)."""
+    return p.dim() < 2 and bool(getattr(p, "_fsdp_flattened", False) or getattr(p, "_is_flat_param", False))
+
+
 def _flat_message(what: str, p: Tensor, optimizer: str) -> str:
     fqns = getattr(p, "_fqns", None)
     if fqns:
@@ -107,9 +124,10 @@ def check_flat(
     """
     if group.get("scale_invariant") is False:
         return
+    flat = _is_flat_traced if torch.compiler.is_compiling() else _is_flat
     for i, p in enumerate(params):
         name, p = p if isinstance(p, tuple) else (None, p)
-        if isinstance(p, Tensor) and _is_flat(p):
+        if isinstance(p, Tensor) and flat(p):
             what = f"parameter {name!r}" if name is not None else describe(i, p)
             raise FlatParameterError(_flat_message(what, p, optimizer))
 
@@ -141,6 +159,14 @@ def _layout(p: Tensor, project: bool, what: Callable[[], str]) -> _Layout:
             "parallelism) or Partial placements are not supported yet. Use scale_invariant=False for it."
         )
     return _Layout(shape, pl.dim % len(shape) >= 1, mesh.get_group(d))
+
+
+def sum_layout(p: Tensor, what: Callable[[], str]) -> _Layout:
+    """The layout of a tensor whose sums over *all* its elements are wanted (OrthoGrad's per-tensor sums): one
+    row of its whole number of elements, summed over its shard group where it is sharded (any dimension, 1-D
+    tensors included: a sum over every element is complete once the ranks' sums are added)."""
+    lay = _layout(p, True, what)
+    return _Layout((1, max(1, p.numel())), False, lay.group)
 
 
 def _projects(p: Tensor, mode: Any) -> bool:
@@ -275,16 +301,16 @@ def localize(
     """
     mode = group.get("scale_invariant")
     api = _dtensor_api()
-    dtensor = api.DTensor if api is not None else ()
-    any_dtensor = False
-    if api is not None or mode is not False:
+    any_dtensor = api is not None and any(map(isinstance, params, itertools.repeat(api.DTensor)))
+    compiling = torch.compiler.is_compiling()
+    if mode is not False and (compiling or _any_marked(params)):  # FSDP1's flat shards: refused (see below)
+        flat = _is_flat_traced if compiling else _is_flat
         for i, p in enumerate(params):
-            if isinstance(p, dtensor):
-                any_dtensor = True
-            elif mode is not False and _is_flat(p):
+            if flat(p) and not (any_dtensor and isinstance(p, api.DTensor)):
                 raise FlatParameterError(_flat_message(describe(_index_in(group, p, i), p), p, optimizer))
     if not any_dtensor:
         return None, [list(params), *(list(lst) for lst in lists)]
+    dtensor = api.DTensor
     out: list[list[Any]] = [[] for _ in range(1 + len(lists))]
     layouts = []
     for i, p in enumerate(params):

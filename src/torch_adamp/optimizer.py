@@ -73,8 +73,10 @@ class ProjectedOptimizer(TrackStats, Optimizer):
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         # every group carries every base option (a subclass may leave out those it does not take: capturable)
-        defaults = {**BASE_DEFAULTS, **defaults}
-        checked = {**defaults, "lr": 0.0} if defaults["lr"] is required else defaults  # then checked per group
+        defaults = {**defaults, **{k: v for k, v in BASE_DEFAULTS.items() if k not in defaults}}
+        checked = {**defaults, "lr": 0.0} if defaults["lr"] is required else dict(defaults)  # then checked per group
+        if checked["lr_max"] is None:
+            checked["lr_max"] = 1.0  # each group gets its own when it is added (its lr), checked then
         self._check_group(checked)
         # created here and mutated in place by step(): torch.compile replays in-place
         # container mutations, and they survive pickling/deepcopy as plain attributes
@@ -105,6 +107,12 @@ class ProjectedOptimizer(TrackStats, Optimizer):
                 f"{type(self).__name__}: a parameter group has no lr, and no default was given; "
                 "pass lr= to the optimizer or set it in every group"
             )
+        lr_max = None
+        if merged.get("lr_max") is None and merged.get("corrected_weight_decay", False) is not False:
+            # the correction's peak lr: the group's lr when it is added (left None where the correction is off)
+            lr_max = checks.lr_value(merged["lr"])
+            if lr_max is not None and lr_max > 0:
+                merged["lr_max"] = lr_max
         self._check_group(merged)
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
@@ -112,6 +120,8 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         checks.parameters(param_group, params, type(self).__name__)
         distributed.check_flat(merged, params, lambda i, p: checks.describe(param_group, i, p), type(self).__name__)
         super().add_param_group(param_group)
+        if lr_max is not None and param_group.get("lr_max") is None:
+            param_group["lr_max"] = lr_max  # after torch put the defaults' keys in (their order kept)
         self._zero.register(param_group)
 
     # -- the step ----------------------------------------------------------------------
@@ -377,7 +387,10 @@ class ProjectedOptimizer(TrackStats, Optimizer):
         name = type(self).__name__
         ours = self._option_names()
         own = self.rule.own_group_keys()
-        foreign = {key: rule for rule in Rule._registry.values() for key in rule.own_group_keys() if key not in own}
+        foreign: dict[str, list[str]] = {}  # a key may belong to several rules (AdamP's and LionP's betas)
+        for rule in Rule._registry.values():
+            for key in rule.own_group_keys() - own:
+                foreign.setdefault(key, []).append(repr(rule.name))
         described: dict[Any, str] = {}
         for i, group in enumerate(state_dict["param_groups"]):
             merged = {**{k: v for k, v in self.defaults.items() if k in ours}, **group}
@@ -387,8 +400,9 @@ class ProjectedOptimizer(TrackStats, Optimizer):
                 raise ValueError(f"state dict param group {i}: {e}") from None
             for key in group:
                 if key in foreign and key not in ours:
+                    rules = " or ".join(sorted(foreign[key]))
                     raise ValueError(
-                        f"state dict param group {i} has {key!r}, an option of the rule {foreign[key].name!r}, not of "
+                        f"state dict param group {i} has {key!r}, an option of the rule {rules}, not of "
                         f"{name}: this is another optimizer's checkpoint (nothing was loaded)"
                     )
             mine = self.param_groups[i] if i < len(self.param_groups) else {"params": []}

@@ -5,7 +5,8 @@ A projected step, for every optimizer here, is::
     u, s  = rule.direction(w, g, state)        the optimizer's own update direction and step size
     u, r  = proj(w, g, u)                      the scale-invariance test and radial removal
                                                (r = wd_ratio if projected, else 1)
-    w    <- w (1 - lr wd r / D) - s u          decoupled weight decay, then the step
+    w    <- w (1 - lr wd r k / D) - s u        decoupled weight decay, then the step
+                                               (k = lr / lr_max where corrected_weight_decay says, else 1)
 
 The engine (:mod:`torch_adamp.engine`) runs the last two lines on every path (per-tensor, multi-tensor,
 fused, compiled, sharded); a rule says what differs between optimizers: its options (a frozen dataclass
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 from . import checks
-from .checks import ScaleInvariant
+from .checks import CorrectedDecay, ScaleInvariant
 
 Scalar = float | Tensor
 Tensors = list[Tensor]
@@ -66,6 +67,15 @@ class Options:
     )
     capturable: bool = option(False, "step counters on the device (CUDA graphs)")
     caution: bool = option(False, "timm's cautious update after the projection (torch_adamp.projection.cautious)")
+    corrected_weight_decay: CorrectedDecay = option(
+        False,
+        "decay scaled by lr / lr_max (AdamC, Defazio et al. 2025): True where the projection finds scale "
+        "invariance, 'all' on every weight, False never",
+        check=checks.corrected_weight_decay,
+    )
+    lr_max: float | None = option(
+        None, "the peak lr of the correction (None: the group's lr when the group is added)", check=checks.lr_max
+    )
     #: GradScaler's protocol (``opt.grad_scale``, ``opt.found_inf``: 0-d tensors, or ``None``); not group keys
     grad_scale: Tensor | None = None
     found_inf: Tensor | None = None
@@ -252,6 +262,7 @@ class Rule(Generic[OptionsT]):
         for name, check in self.option_checks:
             if name in group:
                 check(name, group[name])
+        checks.correction(group)
         self.check_group(group)
 
     def check_group(self, group: dict[str, Any]) -> None:
@@ -272,6 +283,7 @@ class Rule(Generic[OptionsT]):
             values[name] = value
         for key, names in self.renames.items():
             values[key] = tuple(values[n] for n in names)
+        checks.correction(values)
         self.check_group(values)
 
     # -- the math -------------------------------------------------------------------------

@@ -343,7 +343,7 @@ def _stats(
     s^2 ||u||^2``, summed per weight in float64 (:func:`torch_adamp.distributed.angle_from_sums`)."""
     rows = torch.tensor([s[0] for s in layout.shapes], device=sums.device)
     seg = torch.repeat_interleave(torch.arange(len(layout.shapes), device=sums.device), rows)
-    f = tail.decay_factor(view, sums, o.lr, o.weight_decay, o.wd_ratio, divisor).double()
+    f = tail.decay_factor(view, sums, o.lr, *tail.decay_terms(o), divisor).double()
     s = step_size.double() if isinstance(step_size, Tensor) else float(step_size)
     ww, wu, uu = sums[:, 1].double(), sums[:, 3].double(), sums[:, 4].double()
     k = f[seg] + s * coef.double() - 1

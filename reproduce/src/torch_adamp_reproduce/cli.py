@@ -2,9 +2,9 @@
 
 Provided by this package (``reproduce/`` of the repository), not by the library:
 ``bash scripts/setup.sh`` installs it, or ``pip install -e reproduce`` from a
-clone. matplotlib and tqdm (its dependencies) are imported only when a
-subcommand runs. Errors are one line on stderr and a non-zero exit status (2 for
-bad options or missing data).
+clone. matplotlib and tqdm (its dependencies; pycocotools too, for the
+detection task) are imported only when a subcommand runs. Errors are one
+line on stderr and a non-zero exit status (2 for bad options or missing data).
 """
 
 from __future__ import annotations
@@ -101,6 +101,14 @@ def _optimizer_list(text: str) -> list[str]:
     if bad or not names:
         raise argparse.ArgumentTypeError(
             f"unknown optimizer(s) {', '.join(bad) or repr(text)}; choose among {','.join(compare.CHOICES)}"
+        )
+    # checked here, before any training: a missing package would otherwise stop the run after the optimizers
+    # listed before it
+    missing = compare.missing_packages(names)
+    if missing:
+        raise argparse.ArgumentTypeError(
+            "; ".join(f"{n} needs {why}" for n, why in missing.items()) + ". They come with the library's "
+            "'wrapped' extra: bash scripts/setup.sh wrapped (or: pip install -e '.[wrapped]' in the clone)"
         )
     return list(dict.fromkeys(names))
 
@@ -347,6 +355,8 @@ def run_reproduce(args: argparse.Namespace, log: Callable[[str], None] = print) 
     unknown = [n for n in names if n not in tasks.TASKS]
     if unknown:
         raise UsageError(f"unknown task(s) {', '.join(unknown)}; choose among {', '.join(tasks.TASKS)}")
+    if "detection" in names:
+        require("pycocotools")  # the COCO AP of the detection task
     out = _prepare(args)
     start = time.perf_counter()
     results = {}
@@ -364,16 +374,39 @@ def run_reproduce(args: argparse.Namespace, log: Callable[[str], None] = print) 
         except fashion_mnist.DataError as e:
             raise UsageError(str(e)) from None
         log("")
-    table = tasks.markdown_table(results)
-    (out / "summary.md").write_text(table + "\n")
+    log(tasks.markdown_table(results))
+    # summary.md and summary.json cover every task with results in OUT: this run's, and those an earlier
+    # run left in OUT/TASK/results.json (a run of one task no longer drops the others from the summary)
+    earlier = _earlier_results(out, skip=set(results))
+    merged = {n: results[n] if n in results else earlier[n] for n in tasks.TASKS if n in results or n in earlier}
+    (out / "summary.md").write_text(tasks.markdown_table(merged) + "\n")
     summary = {
-        n: {k: r[k] for k in ("title", "data", "hyperparameters", "summary", "paper", "wall_seconds")}
-        for n, r in results.items()
+        n: {k: r[k] for k in ("title", "data", "hyperparameters", "summary", "paper", "wall_seconds") if k in r}
+        for n, r in merged.items()
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    log(table)
-    log(f"\n{time.perf_counter() - start:.0f} s in all; wrote {out / 'summary.md'} and {out / 'summary.json'}")
+    kept = f" (with {', '.join(earlier)} from earlier runs in {out})" if earlier else ""
+    log(f"\n{time.perf_counter() - start:.0f} s in all; wrote {out / 'summary.md'} and {out / 'summary.json'}{kept}")
     return 0
+
+
+def _earlier_results(out: Path, skip: set[str]) -> dict[str, dict[str, Any]]:
+    """The results.json of every task under ``out`` but those in ``skip``, where it is complete enough for the
+    summary table (a file of an older layout, or half written, is left out)."""
+    from . import tasks
+
+    found: dict[str, dict[str, Any]] = {}
+    for name in tasks.TASKS:
+        path = out / name / "results.json"
+        if name in skip or not path.is_file():
+            continue
+        try:
+            res = json.loads(path.read_text())
+            tasks.markdown_table({name: res})  # every key the table reads is there
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            continue
+        found[name] = res
+    return found
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

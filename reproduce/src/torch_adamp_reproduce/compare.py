@@ -45,8 +45,39 @@ for _name, _cls in WRAPPABLE.items():
     BASELINE_CLASSES[f"{_name}+p"] = f"torch_adamp.Projected({_where}.{_cls})"
 #: each wrapped optimizer and its Projected version (plotted like PAIRS when both ran)
 WRAPPED_PAIRS = tuple((w, f"{w}+p") for w in WRAPPABLE)
+#: the follow-ups (docs/followups.md): AdamW and AdamP with AdamC's corrected weight decay (``adamwc``:
+#: ``AdamP(scale_invariant=False, corrected_weight_decay="all")``, timm's ``adamc``; ``adampc``: AdamP with the
+#: correction where it projects), and LionP (the Lion hyper-parameters above)
+FOLLOWUPS = {"adamwc": "AdamW+C", "adampc": "AdamP+C", "lionp": "LionP"}
+LABELS.update(FOLLOWUPS)
+BASELINE_CLASSES["adamwc"] = 'torch_adamp.AdamP(scale_invariant=False, corrected_weight_decay="all")'
+BASELINE_CLASSES["adampc"] = "torch_adamp.AdamP(corrected_weight_decay=True)"
 #: every name ``--optimizers`` accepts (the default set is OPTIMIZERS)
-CHOICES = OPTIMIZERS + tuple(n for w in WRAPPABLE for n in (w, f"{w}+p"))
+CHOICES = OPTIMIZERS + tuple(n for w in WRAPPABLE for n in (w, f"{w}+p")) + tuple(FOLLOWUPS)
+#: the distribution that provides each module of SOURCES (what to install)
+DISTRIBUTIONS = {"torchao.optim": "torchao", "lion_pytorch": "lion-pytorch"}
+
+
+def missing_packages(names: Sequence[str]) -> dict[str, str]:
+    """For each of ``names`` whose optimizer comes from a package that does not import here: what it needs
+    (``{"lion": "lion-pytorch (not installed)"}``); empty when every optimizer can be built."""
+    import importlib
+
+    missing: dict[str, str] = {}
+    for name in dict.fromkeys(names):
+        module = SOURCES.get(name.removesuffix("+p"))
+        if module is None:
+            continue
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name is not None and module.startswith(e.name):
+                missing[name] = f"{DISTRIBUTIONS[module]} (not installed)"
+            else:  # the package is there, one of its own imports is not
+                missing[name] = f"{DISTRIBUTIONS[module]}, which does not import here ({e})"
+        except Exception as e:  # e.g. a torchao built for another torch
+            missing[name] = f"{DISTRIBUTIONS[module]}, which does not import here ({type(e).__name__}: {e})"
+    return missing
 
 
 @dataclass
@@ -95,6 +126,23 @@ def scale_invariant_names(model: nn.Module) -> list[str]:
 
 def make_optimizer(name: str, model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """torch.optim baselines, or this package's optimizers with ``track_stats=True``."""
+    if name in ("adamwc", "adampc"):
+        return torch_adamp.AdamP(
+            model.named_parameters(),
+            lr=cfg.adam_lr,
+            betas=cfg.betas,
+            weight_decay=cfg.adam_weight_decay,
+            scale_invariant=False if name == "adamwc" else "auto",
+            corrected_weight_decay="all" if name == "adamwc" else True,
+            track_stats=True,
+        )
+    if name == "lionp":
+        return torch_adamp.LionP(
+            model.named_parameters(),
+            lr=cfg.adam_lr * LION_LR_FACTOR,
+            weight_decay=cfg.adam_weight_decay,
+            track_stats=True,
+        )
     if name in ("sgd", "sgdp"):
         return build_optimizer(
             name, model.named_parameters(), lr=cfg.sgd_lr, weight_decay=cfg.sgd_weight_decay, momentum=cfg.momentum
@@ -180,7 +228,9 @@ def train_one(
         "log_epoch": [],
         "weight_norm": [],
         "effective_step": [],
+        "grad_norm": [],  # of the scale-invariant weights together, at the logged steps (before their update)
     }
+    tracked = [p for n, p in model.named_parameters() if n in set(names)]
     gen = torch.Generator().manual_seed(seed)
     step = 0
     projected: list[bool] = []
@@ -192,9 +242,13 @@ def train_one(
             loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            logged = (step + 1) % log_every == 0 or step + 1 == total
+            if logged:
+                grad_sq = sum(float(p.grad.detach().square().sum()) for p in tracked if p.grad is not None)
             opt.step()
             step += 1
-            if step % log_every == 0 or step == total:
+            if logged:
+                curves["grad_norm"].append(math.sqrt(grad_sq))
                 norms, eff, proj = _weight_stats(opt, model, names)
                 projected += proj or []
                 curves["log_epoch"].append(step / steps_per_epoch)

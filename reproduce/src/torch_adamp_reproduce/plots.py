@@ -106,6 +106,8 @@ def toy_3d(results: dict[str, toy.Trajectory], out: Path) -> list[Path]:
         ax3.plot(*w[-1], "o", color=COLORS[m], ms=4, zorder=order)
         x, y = (c.numpy() for c in toy.plane_coords(t.weights))  # in the plane: thick under thin, all visible
         ax2.plot(x, y, ".-", ms=2, lw=lw * 0.9, color=COLORS[m], label=toy.LABELS[m], zorder=6 - order)
+        # the end of each path, as in the left panel (white-edged, so that ends on top of a path stay visible)
+        ax2.plot(x[-1], y[-1], "o", ms=6, color=COLORS[m], mec="white", mew=0.8, zorder=10)
     w0 = next(iter(results.values())).weights[0].numpy()
     ax3.plot(*w0, "ko", ms=4, zorder=10)
     side = 1.05 * max(1.1, max(float(t.weights[:, :2].abs().max()) for t in results.values()))
@@ -128,7 +130,7 @@ def toy_3d(results: dict[str, toy.Trajectory], out: Path) -> list[Path]:
         ylim=(-0.5, 3.0),
         xlabel="x",
         ylabel="y",
-        title="the same paths in the plane of Rosenbrock's function",
+        title="the same paths in the plane of Rosenbrock's function (dot: the end)",
     )
     ax2.legend(fontsize=7)
     paths = [_save(fig, out / "toy3d_path.png")]

@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 
 class MissingDependency(Exception):
-    """A dependency of the command line (matplotlib, tqdm) is not installed (one-line message)."""
+    """A dependency of the command line (matplotlib, tqdm, pycocotools) is not installed (one-line message)."""
 
 
 def require(*modules: str) -> None:

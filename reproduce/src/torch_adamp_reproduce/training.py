@@ -63,7 +63,7 @@ def weight_stats(
     """Per tracked weight after the last step: norm, effective step size ``lr / ||w||^2`` and,
     for SGDP/AdamP, whether the optimizer projected it (from ``opt.stats()``, the weight before the step);
     for the torch.optim baselines the norm is read from the model and ``None`` stands for "projected"."""
-    if isinstance(opt, (torch_adamp.SGDP, torch_adamp.AdamP, torch_adamp.Projected)):
+    if isinstance(opt, (torch_adamp.ProjectedOptimizer, torch_adamp.Projected)):
         s = opt.stats()
         return (
             [s[f"{n}/weight_norm"] for n in names],

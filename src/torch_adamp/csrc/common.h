@@ -1,9 +1,10 @@
-/* Shared by every kernel: includes, the thread loop, mode and view codes, the channel view of a tensor,
-   the non-temporal copy of rows and the choice of guesses (speculative sweeps). Included once, before the
-   typed headers. */
+/* Shared by every translation unit: includes, the thread loop, mode and view codes, the channel view of a
+   tensor, the non-temporal copy of rows, the choice of guesses (speculative sweeps) and the ABI queries.
+   Included once, before the typed headers. */
 #ifndef TORCH_ADAMP_COMMON_H
 #define TORCH_ADAMP_COMMON_H
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +22,19 @@
 #define omp_thread() 0
 #endif
 #define INL static inline __attribute__((always_inline))
+#define TA_UNUSED __attribute__((unused)) /* not every translation unit calls it */
+#define TA_CAT_(a, b) a##b
+#define TA_CAT(a, b) TA_CAT_(a, b) /* pastes after expanding its arguments */
+/* the ABI query `const ta_abi_field* NAME(void)` of the struct TA_ABI_STRUCT (a macro defined around the use)
+   declared by FIELDS (see torch_adamp.h) */
+#define TA_ABI_ENTRY(type, name) \
+    {#name, (int64_t)offsetof(TA_ABI_STRUCT, name), (int64_t)sizeof(((TA_ABI_STRUCT*)0)->name)},
+#define TA_ABI_QUERY(NAME, FIELDS)                                                                         \
+    const ta_abi_field* NAME(void) {                                                                       \
+        static const ta_abi_field fields[] = {                                                             \
+            FIELDS(TA_ABI_ENTRY){NULL, (int64_t)sizeof(TA_ABI_STRUCT), (int64_t)_Alignof(TA_ABI_STRUCT)}}; \
+        return fields;                                                                                     \
+    }
 #define PAR_MIN 32768
 #define BLOCK 16384
 #define PF_BLOCK 64     /* elements per block of a cached sweep that prefetches one line per stream */
@@ -77,7 +91,7 @@ INL void shape_of(const int64_t* meta, int64_t n, int64_t i, int64_t* R, int64_t
 #ifdef STREAM_BYTES
 #define STREAM_FENCE() _mm_sfence()
 #define DEFINE_STREAM_COPY(NAME, TYPE, STORE)                                                   \
-    static void NAME(TYPE* restrict dst, const TYPE* restrict src, int64_t n) {                 \
+    TA_UNUSED static void NAME(TYPE* restrict dst, const TYPE* restrict src, int64_t n) {       \
         const int64_t w = STREAM_BYTES / (int64_t)sizeof(TYPE);                                 \
         int64_t j = 0;                                                                          \
         for (; j < n && ((uintptr_t)(dst + j) % STREAM_BYTES) != 0; j++) dst[j] = src[j];       \
@@ -87,7 +101,7 @@ INL void shape_of(const int64_t* meta, int64_t n, int64_t i, int64_t* R, int64_t
 #else
 #define STREAM_FENCE() ((void)0)
 #define DEFINE_STREAM_COPY(NAME, TYPE, STORE)                                                   \
-    static void NAME(TYPE* restrict dst, const TYPE* restrict src, int64_t n) { memcpy(dst, src, sizeof(TYPE) * n); }
+    TA_UNUSED static void NAME(TYPE* restrict dst, const TYPE* restrict src, int64_t n) { memcpy(dst, src, sizeof(TYPE) * n); }
 #endif
 DEFINE_STREAM_COPY(stream_copy_f32, float, STREAM_F32)
 DEFINE_STREAM_COPY(stream_copy_f64, double, STREAM_F64)
@@ -96,7 +110,7 @@ DEFINE_STREAM_COPY(stream_copy_f64, double, STREAM_F64)
    CHANNEL and NONE guesses (the views a one-sweep step can take) on tensors of at most `limit` bytes (the
    spare block the caller gave; -1: no limit); the others become -1. Returns the bytes of the largest tensor
    kept: the spare block the call needs for the copy of its old rows. */
-static size_t keep_guesses(const int64_t* meta, int64_t n, signed char* g, size_t item, int64_t limit) {
+TA_UNUSED static size_t keep_guesses(const int64_t* meta, int64_t n, signed char* g, size_t item, int64_t limit) {
     size_t most = 0;
     int64_t R, C;
     for (int64_t i = 0; i < n; i++) {
@@ -117,7 +131,7 @@ static size_t keep_guesses(const int64_t* meta, int64_t n, signed char* g, size_
 INL signed char caller_guess(const ta_args* a, int64_t i) { return a->guess != NULL ? (signed char)a->guess[i] : -1; }
 /* GradScaler's protocol: a call with *found_inf != 0 (NaN included) writes nothing but the views, which repeat
    the caller's guesses (the views of the last step), so that the next call's guesses stay good */
-static int amp_skip(ta_args* a) {
+TA_UNUSED static int amp_skip(ta_args* a) {
     if (a->found_inf == NULL || *a->found_inf == 0.0f) return 0;
     for (int64_t i = 0; i < a->n; i++) a->views[i] = caller_guess(a, i) >= 0 ? caller_guess(a, i) : VIEW_NONE;
     a->spec_right = a->spec_wrong = 0;

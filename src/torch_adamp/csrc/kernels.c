@@ -1,39 +1,17 @@
-/* The torch_adamp CPU kernels: the headers instantiated for float32 (suffix _f32) and float64 (_f64).
+/* What the kernel rules share in the one shared object: the ABI queries of the common argument structs and
+   torch_adamp.Projected's sweeps (projected.h), for float32 (suffix _f32) and float64 (_f64). Each kernel
+   rule is a translation unit of its own (rule.c over csrc/rules/<rule>.h), linked with this one by
+   torch_adamp/_native.py.
 
-   Built by torch_adamp/_native.py with the system C compiler, -O3 -ffp-contract=off (no fused operations
-   beyond the explicit fma() calls, which mirror torch's add_(alpha=)), OpenMP when available. */
+   Compiled with -O3 -ffp-contract=off, OpenMP when available. */
 #include "common.h"
 
-#define T float
-#define SQRT sqrtf
-#define FMA fmaf
-#define FABS fabsf
-#define FN(name) name##_f32
-#define STREAM_COPY stream_copy_f32
-#include "rows.h"
-#include "adamp.h"
-#include "sgdp.h"
-#include "projected.h"
-#undef T
-#undef SQRT
-#undef FMA
-#undef FABS
-#undef FN
-#undef STREAM_COPY
+#define TA_ABI_STRUCT ta_args
+TA_ABI_QUERY(torch_adamp_args_abi, TA_ARGS_FIELDS)
+#undef TA_ABI_STRUCT
+#define TA_ABI_STRUCT ta_rows_args
+TA_ABI_QUERY(torch_adamp_rows_args_abi, TA_ROWS_ARGS_FIELDS)
+#undef TA_ABI_STRUCT
 
-#define T double
-#define SQRT sqrt
-#define FMA fma
-#define FABS fabs
-#define FN(name) name##_f64
-#define STREAM_COPY stream_copy_f64
-#include "rows.h"
-#include "adamp.h"
-#include "sgdp.h"
-#include "projected.h"
-#undef T
-#undef SQRT
-#undef FMA
-#undef FABS
-#undef FN
-#undef STREAM_COPY
+#define TA_TYPED_A "projected.h"
+#include "typed.h"

@@ -21,7 +21,7 @@ int FN(torch_adamp_projected_rows)(const ta_rows_args* a) {
             const T* pr = wb + r * C;
             const T* gr = g + r * C;
             const T* ar = wa + r * C;
-            ROW_SWEEP(pr, gr, C, (T)1, (T)1, o + 4 * r, scale * pj - ar[j], (void)0);
+            ROW_SWEEP(j, pj, gj, u, pr, gr, C, (T)1, (T)1, o + 4 * r, scale * pj - ar[j], (void)0);
         });
         off += R;
     }

@@ -1,33 +1,30 @@
-/* The row machinery every rule shares, for one element type T (instantiated by kernels.c): the per-tensor
-   scalars, the row sums of the scale-invariance test, the decision, and the projection coefficient.
+/* The row machinery of every sweep, for one element type T (instantiated per translation unit): the row
+   sums of the scale-invariance test, the decision, the projection coefficient and the decay factor.
    Mirrors torch_adamp.projection.projection_coefficients: c = <w,u> / (||w|| + eps)^2, u - c w. */
 
-typedef struct {
-    T b1, b2, c1, c2, eps, sbc2, ss, f, sgn, mom, damp1, gs; /* gs: the inverse grad scale (AMP), else 1 */
-} FN(hyp_t);
-
-/* The first sweep of a row, for any rule: u = DIRECTION (an expression of j, pj and gj that may update the
-   rule's state of element j; gj is the gradient times GS, the inverse grad scale), then STAGE (a statement that may
-   keep u), and the four row sums of the test and
-   the projection, out[0..3] = <w,g>, ||w||^2, ||g||^2, <w,u>. A macro, so that each rule's loop is one loop
-   (vectorised with one summation order, which the decision must not depend on). */
-#define ROW_SWEEP(p, g, C, sgn, GS, out, DIRECTION, STAGE)   \
-    do {                                                     \
-        T pg = 0, pp = 0, gg = 0, pu = 0;                    \
-        _Pragma("omp simd reduction(+ : pg, pp, gg, pu)")    \
-        for (int64_t j = 0; j < (C); j++) {                  \
-            T pj = (p)[j], gj = (g)[j] * (GS);               \
-            T u = (DIRECTION);                               \
-            STAGE;                                           \
-            pg += pj * gj;                                   \
-            pp += pj * pj;                                   \
-            gg += gj * gj;                                   \
-            pu += pj * u;                                    \
-        }                                                    \
-        (out)[0] = (sgn) * pg;                               \
-        (out)[1] = pp;                                       \
-        (out)[2] = gg;                                       \
-        (out)[3] = pu;                                       \
+/* The first sweep of a row: for J over [0, C), with PJ = p[J] and GJ = g[J] * GS (GS: the inverse grad scale),
+   U = DIRECTION (an expression of J, PJ and GJ that may update state of element J), then STAGE (a statement
+   that may keep U), and the four row sums of the test and the projection, out[0..3] = <w,g>, ||w||^2,
+   ||g||^2, <w,u> (out[0] times SGN). J, PJ, GJ and U are the names the caller's DIRECTION and STAGE use. A
+   macro, so that each caller's loop is one loop (vectorised with one summation order, which the decision
+   must not depend on). */
+#define ROW_SWEEP(J, PJ, GJ, U, p, g, C, SGN, GS, out, DIRECTION, STAGE) \
+    do {                                                                 \
+        T pg_ = 0, pp_ = 0, gg_ = 0, pu_ = 0;                            \
+        _Pragma("omp simd reduction(+ : pg_, pp_, gg_, pu_)")            \
+        for (int64_t J = 0; J < (C); J++) {                              \
+            T PJ = (p)[J], GJ = (g)[J] * (GS);                           \
+            T U = (DIRECTION);                                           \
+            STAGE;                                                       \
+            pg_ += PJ * GJ;                                              \
+            pp_ += PJ * PJ;                                              \
+            gg_ += GJ * GJ;                                              \
+            pu_ += PJ * U;                                               \
+        }                                                                \
+        (out)[0] = (SGN) * pg_;                                          \
+        (out)[1] = pp_;                                                  \
+        (out)[2] = gg_;                                                  \
+        (out)[3] = pu_;                                                  \
     } while (0)
 
 /* per-row statistics of the scale-invariance test: <p,g>, ||p||^2, ||g||^2 */
@@ -54,7 +51,7 @@ INL int FN(passes)(const T* st, T eps, T thr) {
        one huge element over the whole row (the per-tensor path's cosine does not overflow) */
     return cos < thr && isfinite(st[1]) && isfinite(st[2]);
 }
-static int FN(decide_from)(const T* stats, int64_t R, int64_t C, T eps, double delta, int mode, T* tot) {
+TA_UNUSED static int FN(decide_from)(const T* stats, int64_t R, int64_t C, T eps, double delta, int mode, T* tot) {
     T chan_thr = (T)(delta / sqrt((double)C)), layer_thr = (T)(delta / sqrt((double)(R * C)));
     int64_t fails = 0;
     if (mode == MODE_AUTO) { /* per row, element-wise: vectorised across rows (the same bits) */
@@ -74,7 +71,7 @@ static int FN(decide_from)(const T* stats, int64_t R, int64_t C, T eps, double d
 }
 
 /* AdamP's pass 1 (reads w and g only): the row sums, then the decision; stats[4r+3] is left free */
-static int FN(decide)(const T* p, const T* g, int64_t R, int64_t C, T sgn, T gs, T eps, double delta, int mode,
+TA_UNUSED static int FN(decide)(const T* p, const T* g, int64_t R, int64_t C, T sgn, T gs, T eps, double delta, int mode,
                       T* stats, T* tot, int nt) {
     PFOR(nt > 1 && R > 1 && R * C >= PAR_MIN, r, R, { FN(row_stats)(p + r * C, g + r * C, C, sgn, gs, stats + 4 * r); });
     return FN(decide_from)(stats, R, C, eps, delta, mode, tot);
@@ -99,7 +96,7 @@ INL T FN(decay)(double lr, double wd, double wd_ratio, double divisor, int view)
 }
 
 /* the channel view's coefficient of every row, in place of <w,u> (stats[4r+3]); vectorised across rows */
-static void FN(channel_coefs)(T* stats, int64_t R, T eps) {
+TA_UNUSED static void FN(channel_coefs)(T* stats, int64_t R, T eps) {
 #pragma omp simd
     for (int64_t r = 0; r < R; r++) stats[4 * r + 3] = FN(coef)(stats[4 * r + 3], stats[4 * r + 1], eps);
 }

@@ -43,7 +43,7 @@ def _available() -> bool:
 
 
 def _assume_constant_result(fn: Callable[[], bool]) -> Callable[[], bool]:
-    """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo`` (2-3 s) when
+    """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo`` (seconds) when
     torch_adamp is imported: it only marks ``fn`` (tests/test_compile.py checks it is the same mark)."""
     fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
     return fn
@@ -158,7 +158,8 @@ def _run_kernel(
     a.meta = meta.buffer_info()[0]
     a.views = codes.data_ptr()
     a.lr = lr
-    a.eps, a.weight_decay, a.delta, a.wd_ratio = float(o.eps), float(o.weight_decay), float(o.delta), float(o.wd_ratio)
+    wd, wd_ratio = tail.decay_terms(o, lr)  # corrected_weight_decay folded in (the C decay takes the numbers)
+    a.eps, a.weight_decay, a.delta, a.wd_ratio = float(o.eps), float(wd), float(o.delta), float(wd_ratio)
     a.maximize = bool(o.maximize)
     a.mode = _mode(o)
     a.threads = max(1, torch.get_num_threads())
@@ -166,9 +167,10 @@ def _run_kernel(
     a.spec_max_bytes = 0 if write_back else SPECULATE_MAX_BYTES  # half precision: fresh copies every step
     a.grad_scale = grad_scale.data_ptr() if grad_scale is not None else None
     a.found_inf = found_inf.data_ptr() if found_inf is not None else None
-    rule_args = getattr(a.rule, rule.name)
+    rule_args = _native.rule_struct(rule.name, rule.kernel_fields)()  # alive until the call returns
     for (name, _), value in zip(rule.kernel_fields, rule.kernel_args(o), strict=True):
         setattr(rule_args, name, type(getattr(rule_args, name))(value))  # int or float, as the C field
+    a.rule = ctypes.addressof(rule_args)
     step_fn, spare_fn = _native.kernel(rule.name, compute_dtype(t.params[0].dtype) is torch.float64)
     guess = workspace.guesses.get(key) if workspace is not None and key is not None else None
     if guess is not None and guess.numel() == n:
@@ -260,13 +262,30 @@ class _OpOptions:
         self.eps, self.weight_decay, self.delta, self.wd_ratio = common[:4]
         self.maximize = bool(common[4])
         self.scale_invariant = _MODE_NAMES[int(common[5])]
+        self.corrected_weight_decay = _CORRECTED_NAMES[int(common[6])]
+        self.lr_max = common[7]
         for (name, _), value in zip(rule.kernel_fields, args, strict=True):
             setattr(self, name, value)
 
 
+_CORRECTED: dict[Any, int] = {False: 0, True: 1, "all": 2}
+_CORRECTED_NAMES = {v: k for k, v in _CORRECTED.items()}
+
+
 def _common(o: Options) -> list[float]:
-    """What the custom op passes of the options every rule has: eps, weight decay, delta, wd_ratio, maximize, mode."""
-    return [float(o.eps), float(o.weight_decay), float(o.delta), float(o.wd_ratio), float(o.maximize), float(_mode(o))]
+    """What the custom op passes of the options every rule has: eps, weight decay, delta, wd_ratio, maximize, mode,
+    corrected_weight_decay and lr_max (the op reads a tensor lr: the correction is computed there)."""
+    corrected = _CORRECTED[o.corrected_weight_decay]
+    return [
+        float(o.eps),
+        float(o.weight_decay),
+        float(o.delta),
+        float(o.wd_ratio),
+        float(o.maximize),
+        float(_mode(o)),
+        float(corrected),
+        float(o.lr_max) if o.lr_max is not None else 0.0,
+    ]
 
 
 def _register_op(name: str) -> Any:
@@ -303,8 +322,8 @@ def _register_op(name: str) -> Any:
     return op
 
 
-#: one custom op per kernel rule, registered when the engine is imported (never while tracing)
-OPS = {name: _register_op(name) for name in _native.KERNEL_RULES}
+#: one custom op per kernel rule (csrc/rules/<name>.h), registered when the engine is imported (never while tracing)
+OPS = {name: _register_op(name) for name in _native.RULES}
 
 
 def through_dispatcher(params: Sequence[Tensor]) -> bool:
@@ -384,17 +403,17 @@ def step(
 
 
 def native_scratch_bytes(rule: str, params: Sequence[Tensor], threads: int | None = None) -> int:
-    """C-heap scratch of one native call (not seen by torch's allocator): row sums, the written-row flags,
-    the guesses, for AdamP one row of ``u`` per thread and the staging buffer, plus the pointer and shape
-    arrays. The spare block of the speculative sweep is a tensor of the optimizer's workspace, not counted."""
+    """C-heap scratch of one native call (not seen by torch's allocator): what the kernel says it allocates
+    (row sums, the written-row flags, the guesses, staged updates...), plus the pointer and shape arrays. The
+    spare block of the speculative sweep is a tensor of the optimizer's workspace, not counted."""
+    kind = Rule.named(rule)
     rows = [p.size(0) if p.dim() > 1 and p.numel() > 0 else 0 for p in params]
-    cols = [p.numel() // r if r else p.numel() for p, r in zip(params, rows, strict=True)]
-    item = 8 if any(p.dtype is torch.float64 for p in params) else 4
-    large = [(r, c) for r, c in zip(rows, cols, strict=True) if r and r * c * item > STAGE_BYTES]
-    scratch = 4 * item * max(rows, default=1) + max(rows, default=1) + len(params)
-    if rule == "adamp":
-        small = [r * c for r, c in zip(rows, cols, strict=True) if r and r * c * item <= STAGE_BYTES]
-        row = max((c for _, c in large), default=1)
-        scratch += item * (row * (threads or max(1, torch.get_num_threads())) + max(small, default=0))
-    per_tensor = (5 if rule == "adamp" else 3) * 8 + 2 * 8 + 8
+    meta = array("q", [p.numel() for p in params] + rows)
+    a = _native.Args()
+    a.n, a.meta = len(params), meta.buffer_info()[0]
+    a.mode, a.threads = MODES["auto"], threads or max(1, torch.get_num_threads())
+    a.stage_bytes, a.spec_max_bytes = STAGE_BYTES, SPECULATE_MAX_BYTES
+    float64 = any(p.dtype is torch.float64 for p in params)
+    scratch = int(_native.scratch_query(rule, float64)(ctypes.byref(a)))
+    per_tensor = (2 + len(kind.state_names) + kind.counts_steps) * 8 + 2 * 8 + 8  # ptrs, meta, view codes
     return scratch + per_tensor * len(params)

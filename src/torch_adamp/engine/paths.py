@@ -64,7 +64,7 @@ def single_tensor(rule: Rule[Any], t: Bundle, o: Options, views: tail.Views) -> 
         if kept is not None:
             kept.copy_(torch.where(scaling.skip, kept, u))  # type: ignore[arg-type]
         if o.weight_decay > 0:
-            f = tail.decay_factor(view, p, o.lr, o.weight_decay, o.wd_ratio, divisor)
+            f = tail.decay_factor(view, p, o.lr, *tail.decay_terms(o), divisor)
             p.mul_(scaling.factor(f, 1.0))
         u = scaling.update(u)
         if isinstance(step_size, Tensor):

@@ -3,7 +3,8 @@
 With a direction ``u`` (already scaled by the step size ``s`` when that is folded in), the per-row
 projection coefficients ``c`` (:class:`torch_adamp.projection.RowDecision`: ``c = <w,u> / (||w|| + eps)^2``
 on the rows of the view taken, 0 elsewhere) and the decoupled weight-decay factor ``f`` (``1 - lr wd / D``,
-or ``1 - lr wd wd_ratio / D`` when projected; ``D`` is the rule's divisor)::
+or ``1 - lr wd wd_ratio / D`` when projected; ``D`` is the rule's divisor; ``corrected_weight_decay``
+multiplies ``wd`` or ``wd_ratio`` by ``lr / lr_max``: :func:`decay_terms`)::
 
     w <- f * w - s * (u - c * w)
 
@@ -41,13 +42,29 @@ def scatter_views(views: Views, idx: Sequence[int], sub: Sequence[Tensor | None]
             views[i] = v
 
 
-def decay_factors(lr: Scalar, weight_decay: float, wd_ratio: float, divisor: float = 1.0) -> tuple[Scalar, Scalar]:
+def decay_terms(o: Any, lr: Scalar | None = None) -> tuple[Scalar, Scalar]:
+    """``(weight_decay, wd_ratio)`` of the decay factors, with ``corrected_weight_decay`` folded in (every path
+    and the native kernel take the decay through this one function; ``lr``: the value of ``o.lr`` where the
+    caller has read it, as the native kernel does). With ``k = lr / lr_max`` (AdamC's correction,
+    ``lr^2 / lr_max`` in place of ``lr``): ``False``: unchanged (the same numbers, so the same bits);
+    ``True``: ``wd_ratio k``, the decay of the weights the projection judged scale-invariant at this step;
+    ``"all"``: ``weight_decay k``, every weight."""
+    mode = o.corrected_weight_decay
+    if mode is False:
+        return o.weight_decay, o.wd_ratio
+    k = (o.lr if lr is None else lr) / o.lr_max
+    if mode == "all":
+        return o.weight_decay * k, o.wd_ratio
+    return o.weight_decay, o.wd_ratio * k
+
+
+def decay_factors(lr: Scalar, weight_decay: Scalar, wd_ratio: Scalar, divisor: float = 1.0) -> tuple[Scalar, Scalar]:
     """``(factor if not projected, factor if projected)`` of decoupled weight decay."""
     return 1 - lr * weight_decay / divisor, 1 - lr * weight_decay * wd_ratio / divisor
 
 
 def decay_factor(
-    view: Tensor, like: Tensor, lr: Scalar, weight_decay: float, wd_ratio: float, divisor: float = 1.0
+    view: Tensor, like: Tensor, lr: Scalar, weight_decay: Scalar, wd_ratio: Scalar, divisor: float = 1.0
 ) -> Tensor:
     """Weight-decay factor chosen on the device from a projection decision ``view``."""
     f_none, f_proj = decay_factors(lr, weight_decay, wd_ratio, divisor)
@@ -110,8 +127,9 @@ def apply(
     """
     n = len(params)
     skip = scaling.skip is not None
-    lr, weight_decay, wd_ratio = o.lr, o.weight_decay, o.wd_ratio
-    f_none, _ = decay_factors(lr, weight_decay, wd_ratio, wd_divisor)
+    lr, weight_decay = o.lr, o.weight_decay
+    wd, wd_ratio = decay_terms(o)
+    f_none, _ = decay_factors(lr, wd, wd_ratio, wd_divisor)
     updates = list(updates)
     p_proj = [params[i] for i in proj_idx]
     if proj_idx:
@@ -137,7 +155,7 @@ def apply(
                 updates[i] = updates[i].clone()  # the state keeps the unmasked values
             projection.cautious(params[i], grads[i], updates[i], codes[i], eps=o.eps)
     if proj_idx and weight_decay != 0:
-        f_proj: Tensor = decay_factor(view, p_proj[0], lr, weight_decay, wd_ratio, wd_divisor)  # type: ignore[arg-type]
+        f_proj: Tensor = decay_factor(view, p_proj[0], lr, wd, wd_ratio, wd_divisor)  # type: ignore[arg-type]
         if skip:
             f_proj = scaling.factor(f_proj, 1.0)  # type: ignore[assignment]
         torch._foreach_mul_(p_proj, list(f_proj))

@@ -46,12 +46,39 @@ TIMM_DEFAULTS: dict[str, dict[str, Any]] = {
 NAMES = {"tadamp": "adamp", "tsgdp": "sgdp"}
 
 
+def install_hint() -> str:
+    """What to install for ``import timm`` to work beside the installed torch (timm imports torchvision, which
+    must be the build made for that torch: a plain ``pip install timm`` replaces a CPU torch by PyPI's CUDA
+    build, and PyPI's torchvision does not import beside a CPU torch)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    try:  # the distribution's version says where it came from (PyPI's wheels report "+cu130" at run time only)
+        installed = version("torch")
+    except PackageNotFoundError:  # a build from source
+        installed = torch.__version__
+    base, _, label = installed.partition("+")
+    parts = base.split(".")
+    if len(parts) < 2 or parts[0] != "2" or not parts[1].isdigit():
+        return f"timm with a torchvision built for torch {installed}"
+    series = f"0.{int(parts[1]) + 15}.*"
+    if label:  # +cpu, +cu128, ...: PyTorch's own index for that variant
+        index = f" --index-url https://download.pytorch.org/whl/{label}"
+    else:  # PyPI's build (CUDA on Linux, CPU elsewhere): its torchvision is on PyPI too
+        index = ""
+    return (
+        f"timm with the torchvision built for torch {installed}: from a clone, bash scripts/setup.sh timm; "
+        f"by hand, pip install 'torch=={installed}' 'torchvision=={series}'{index}, then pip install timm"
+    )
+
+
 def _default_registry() -> Any:
     try:
         factory = importlib.import_module("timm.optim._optim_factory")
     except Exception as e:  # ImportError, or a torchvision built for another torch
         raise ImportError(
-            f"torch_adamp.integrations.timm.register needs an importable timm (pip install timm): "
+            f"torch_adamp.integrations.timm.register needs an importable timm ({install_hint()}): "
             f"{type(e).__name__}: {e}"
         ) from e
     return factory.default_registry

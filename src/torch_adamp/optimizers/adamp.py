@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import checks, distributed, engine
-from ..checks import ScaleInvariant
+from ..checks import CorrectedDecay, ScaleInvariant
 from ..optimizer import ParamsT, ProjectedOptimizer, defaults_of
 from ..rule import (
     NO_SCALING,
@@ -74,19 +74,7 @@ class AdamPRule(Rule[AdamPOptions]):
     renames: ClassVar[dict[str, tuple[str, ...]]] = {"betas": ("beta1", "beta2")}
 
     def check_group(self, group: dict[str, Any]) -> None:
-        betas = group["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"Invalid betas value: {betas!r}; expected a pair (beta1, beta2)")
-        for k, b in enumerate(betas):
-            if isinstance(b, Tensor):  # as torch.optim.Adam takes them; their values are read to the host here
-                if b.numel() != 1 or not b.is_floating_point() or not b.is_cpu:
-                    raise ValueError(
-                        f"Invalid beta parameter at index {k}: {b!r}; a tensor beta must be a one-element float "
-                        "tensor on the CPU (its value is read when the group is built, never at a step on a device)"
-                    )
-                b = b.item()
-            if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0.0 <= b < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {k}: {b!r}; expected 0 <= beta < 1")
+        checks.betas("betas", group["betas"])
 
     def direction(
         self,
@@ -189,10 +177,10 @@ CHUNK_ELEMENTS = 1 << 22
 def _chunks(tensors: Sequence[Tensor], limit: int) -> list[list[int]]:
     """Consecutive indices of ``tensors`` in runs of at most ``limit`` elements (a larger tensor alone)."""
     out: list[list[int]] = []
-    size = limit
+    size = 0
     for i, t in enumerate(tensors):
         n = t.numel()
-        if size + n > limit:
+        if not out or (size + n > limit and out[-1]):
             out.append([])
             size = 0
         out[-1].append(i)
@@ -234,6 +222,13 @@ class AdamP(ProjectedOptimizer):
             (default); ``False`` keeps them in the parameter dtype to save memory.
             The math always runs in float32 for half-precision parameters, and
             results are rounded to nearest when written back.
+        corrected_weight_decay: AdamC's corrected decay (Defazio et al. 2025):
+            ``True`` multiplies the decay of each weight the projection judges
+            scale-invariant at the step by ``lr / lr_max`` (composing with
+            ``wd_ratio``); ``"all"`` every weight (timm's ``adamc``); ``False``
+            (default) never. See docs/followups.md.
+        lr_max: the peak lr of the correction; ``None``: the group's lr when the
+            group is added (kept in the group, so in ``state_dict()``).
     """
 
     rule = ADAMP_RULE
@@ -257,6 +252,8 @@ class AdamP(ProjectedOptimizer):
         track_stats: bool = False,
         fp32_state: bool = True,
         caution: bool = False,
+        corrected_weight_decay: CorrectedDecay = False,
+        lr_max: float | None = None,
     ) -> None:
         super().__init__(params, defaults_of(locals()))
 
@@ -285,6 +282,8 @@ def adamp(
     dist: Any = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    corrected_weight_decay: CorrectedDecay = False,
+    lr_max: float | None = None,
 ) -> None:
     """Functional AdamP step over lists of tensors (updated in place): the math of :class:`AdamP`.
 
@@ -297,7 +296,8 @@ def adamp(
     """
     o = AdamPOptions(lr=lr, eps=eps, weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio, maximize=maximize,
                      scale_invariant=scale_invariant, capturable=capturable, grad_scale=grad_scale,
-                     found_inf=found_inf, beta1=beta1, beta2=beta2, nesterov=nesterov)  # fmt: skip
+                     found_inf=found_inf, corrected_weight_decay=corrected_weight_decay, lr_max=lr_max,
+                     beta1=beta1, beta2=beta2, nesterov=nesterov)  # fmt: skip
     t = engine.Bundle(params, grads, [exp_avgs, exp_avg_sqs], state_steps)
     if not torch.compiler.is_compiling():
         ADAMP_RULE.check_options(o)  # as a group is checked (a few microseconds: Python numbers)

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.optim.optimizer import required
 
 from .. import checks, distributed, engine
-from ..checks import ScaleInvariant
+from ..checks import CorrectedDecay, ScaleInvariant
 from ..optimizer import ParamsT, ProjectedOptimizer, defaults_of
 from ..rule import (
     NO_SCALING,
@@ -151,6 +151,13 @@ class SGDP(ProjectedOptimizer):
             or in the parameter dtype; the math always runs in float32.
         caution: timm's "cautious" update (its ``csgdp``, with ``project_momentum=False``):
             see :func:`torch_adamp.projection.cautious`; per-tensor and multi-tensor paths only.
+        corrected_weight_decay: AdamC's corrected decay (Defazio et al. 2025):
+            ``True`` multiplies the decay of each weight the projection judges
+            scale-invariant at the step by ``lr / lr_max`` (composing with
+            ``wd_ratio``); ``"all"`` every weight (timm's ``adamc``); ``False``
+            (default) never. See docs/followups.md.
+        lr_max: the peak lr of the correction; ``None``: the group's lr when the
+            group is added (kept in the group, so in ``state_dict()``).
     """
 
     rule = SGDP_RULE
@@ -175,6 +182,8 @@ class SGDP(ProjectedOptimizer):
         track_stats: bool = False,
         fp32_state: bool = True,
         caution: bool = False,
+        corrected_weight_decay: CorrectedDecay = False,
+        lr_max: float | None = None,
     ) -> None:
         super().__init__(params, {**defaults_of(locals()), "capturable": False})
 
@@ -201,12 +210,15 @@ def sgdp(
     dist: Any = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    corrected_weight_decay: CorrectedDecay = False,
+    lr_max: float | None = None,
 ) -> None:
     """Functional SGDP step over lists of tensors (updated in place): the math of :class:`SGDP`;
     ``views``, ``dist``, ``grad_scale`` and ``found_inf`` as for :func:`torch_adamp.adamp`."""
     o = SGDPOptions(lr=lr, eps=eps, weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio, maximize=maximize,
                     scale_invariant=scale_invariant, capturable=False, grad_scale=grad_scale, found_inf=found_inf,
-                    momentum=momentum, dampening=dampening, nesterov=nesterov,
+                    corrected_weight_decay=corrected_weight_decay, lr_max=lr_max, momentum=momentum,
+                    dampening=dampening, nesterov=nesterov,
                     project_momentum=project_momentum)  # fmt: skip
     t = engine.Bundle(params, grads, [momentum_buffers])
     if not torch.compiler.is_compiling():

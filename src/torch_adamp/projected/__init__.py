@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 
 from .. import checks, distributed, projection, zero
 from ..engine import precision
+from ..engine import tail as engine_tail
 from ..rule import Scaling
 from ..stats import TrackStats, reused_copies
 from . import native
@@ -53,7 +54,7 @@ COUPLED = frozenset({"SGD", "Adam", "Adagrad", "Adamax", "ASGD", "RMSprop", "Rpr
 MUTATES_GRADS = frozenset({"SGD"})
 
 #: the group keys :class:`Projected` adds (``projection_eps``: ``eps`` is the inner optimizer's own key)
-OPTIONS = ("delta", "wd_ratio", "projection_eps", "scale_invariant", "track_stats")
+OPTIONS = ("delta", "wd_ratio", "projection_eps", "scale_invariant", "track_stats", "corrected_weight_decay", "lr_max")
 
 
 class Projected(TrackStats, Optimizer):
@@ -74,6 +75,9 @@ class Projected(TrackStats, Optimizer):
         w_b = w;  inner.step() -> w_a;  d = (1 - lr wd) w_b - w_a   (wd: the decoupled decay, else 0)
         decision, c = AdamP's test on (w_b, g)
         w  <- (1 - lr wd r) w_b - (d - c w_b)                       (r = wd_ratio if projected, else 1)
+
+    (``corrected_weight_decay=True``: ``r`` becomes ``wd_ratio lr / lr_max`` for projected weights; ``"all"``:
+    ``wd`` becomes ``wd lr / lr_max`` for every weight, ``inner`` stepping with that ``weight_decay``.)
 
     computed as ``w <- w_a + k w_b``: a weight that is not projected keeps ``inner``'s result bit for bit.
     With ``torch.optim.AdamW`` this is AdamP; with ``torch.optim.SGD(momentum, nesterov=True)``,
@@ -100,6 +104,11 @@ class Projected(TrackStats, Optimizer):
         decoupled_weight_decay: whether ``inner``'s ``weight_decay`` is decoupled;
             ``None`` (default): from the group key or the class (see above).
         track_stats: record per-parameter statistics, read with :meth:`stats`.
+        corrected_weight_decay: AdamC's correction of the decoupled decay
+            (``lr / lr_max``): ``True`` on the weights projected at the step,
+            ``"all"`` on every weight (then ``lr`` must be a float: ``inner``
+            takes the corrected ``weight_decay``), ``False`` (default) never.
+        lr_max: the correction's peak lr; ``None``: each group's lr when wrapped.
     """
 
     def __init__(
@@ -112,6 +121,8 @@ class Projected(TrackStats, Optimizer):
         scale_invariant: checks.ScaleInvariant = "auto",
         decoupled_weight_decay: bool | None = None,
         track_stats: bool = False,
+        corrected_weight_decay: checks.CorrectedDecay = False,
+        lr_max: float | None = None,
     ) -> None:
         if not isinstance(inner, Optimizer):
             raise TypeError(f"Projected wraps a torch.optim.Optimizer, got {type(inner).__name__}")
@@ -125,6 +136,8 @@ class Projected(TrackStats, Optimizer):
             "projection_eps": eps,
             "scale_invariant": scale_invariant,
             "track_stats": track_stats,
+            "corrected_weight_decay": corrected_weight_decay,
+            "lr_max": lr_max,
         }
         self._check(options)
         self._ready = False
@@ -221,6 +234,12 @@ class Projected(TrackStats, Optimizer):
         for g in self.inner.param_groups:
             for k in OPTIONS:
                 g.setdefault(k, self.defaults[k])
+            if g["lr_max"] is None and g["corrected_weight_decay"] is not False and "lr" in g:
+                # the correction's peak lr: the group's lr when wrapped (left None where the correction is off)
+                lr_max = checks.lr_value(g["lr"])
+                if lr_max is not None and lr_max > 0:
+                    g["lr_max"] = lr_max
+            checks.correction(g)
 
     @staticmethod
     def _check(o: dict[str, Any]) -> None:
@@ -229,6 +248,8 @@ class Projected(TrackStats, Optimizer):
         checks.fraction("wd_ratio", o["wd_ratio"])
         checks.scale_invariant("scale_invariant", o["scale_invariant"])
         checks.boolean("track_stats", o["track_stats"])
+        checks.corrected_weight_decay("corrected_weight_decay", o["corrected_weight_decay"])
+        checks.lr_max("lr_max", o["lr_max"])
 
     @staticmethod
     def _check_params(group: dict[str, Any]) -> None:
@@ -258,6 +279,32 @@ class Projected(TrackStats, Optimizer):
             "L2 term in the gradient; pass decoupled_weight_decay=True or False"
         )
 
+    def _decay(self, group: dict[str, Any]) -> tuple[Any, Any]:
+        """``(weight_decay, wd_ratio)`` of the group's decoupled decay at this step (``weight_decay`` 0 when it is
+        coupled or absent), ``corrected_weight_decay`` folded in as the engine folds it
+        (:func:`torch_adamp.engine.tail.decay_terms`)."""
+        decoupled = self._decay_kind(group)
+        wd, ratio, mode = (
+            group.get("weight_decay", 0) if decoupled else 0,
+            group["wd_ratio"],
+            group["corrected_weight_decay"],
+        )
+        if mode is False:
+            return wd, ratio
+        if not decoupled and group.get("weight_decay", 0):
+            raise ValueError(
+                f"corrected_weight_decay={mode!r} corrects a decoupled weight decay, but the weight_decay of "
+                f"{type(self.inner).__name__} here is an L2 term in the gradient"
+            )
+        lr = group["lr"]
+        if mode == "all" and wd and isinstance(lr, Tensor):
+            raise ValueError(
+                "Projected(corrected_weight_decay='all') needs a float lr: the inner optimizer steps with "
+                "weight_decay lr / lr_max times the group's, which a tensor lr would make a tensor (use "
+                "corrected_weight_decay=True, which takes a tensor lr, or a float lr)"
+            )
+        return engine_tail.decay_terms(_GroupDecay(wd, ratio, mode, lr, group["lr_max"]))
+
     @property
     def _step_supports_amp_scaling(self) -> bool:
         """GradScaler's protocol: supported exactly when ``inner`` supports it (see the class docstring)."""
@@ -279,6 +326,7 @@ class Projected(TrackStats, Optimizer):
                 "GradScaler's protocol (_step_supports_amp_scaling); let GradScaler unscale and skip instead"
             )
         self._check_step()
+        decays = {id(group): self._decay(group) for group in self.param_groups}  # before inner sees a corrected wd
         before = self._stats_before()
         jobs, plain = [], []
         for group in self.param_groups:
@@ -306,16 +354,28 @@ class Projected(TrackStats, Optimizer):
             if type(self.inner).__name__ in MUTATES_GRADS:
                 grads = reused_copies(grads, self._pre_grad, params)
             jobs.append((group, params, grads, reused_copies(params, self._pre, params)))
-        self._inner_step(scaling)
+        # corrected_weight_decay="all": inner steps with weight_decay lr / lr_max times the group's, restored after
+        swapped = [
+            (g, g["weight_decay"])
+            for g in self.param_groups
+            if g["corrected_weight_decay"] == "all" and decays[id(g)][0]
+        ]
+        try:
+            for g, _ in swapped:
+                g["weight_decay"] = decays[id(g)][0]
+            self._inner_step(scaling)
+        finally:
+            for g, wd0 in swapped:
+                g["weight_decay"] = wd0
         views: dict[Tensor, Tensor] = {}
         for group, params, befores, sums, view in plain:
-            lr, ratio = group["lr"], group["wd_ratio"]
-            wd = group.get("weight_decay", 0) if self._decay_kind(group) else 0
+            lr = group["lr"]
+            wd, ratio = decays[id(group)]
             scale = 1 - lr * wd if wd else 1.0
             native.after(befores, params, sums, view, scale, group["projection_eps"], lr * wd * (1 - ratio))
             views.update(zip(params, view.unbind(0), strict=True))
         # the other groups in two phases: the row sums of every bucket, one collective where sharded, the updates
-        distributed.finish([b for job in jobs for b in self._project_group(*job, views, scaling)])
+        distributed.finish([b for job in jobs for b in self._project_group(*job, views, decays[id(job[0])], scaling)])
         self._stats_after(before, views)
         return loss
 
@@ -368,6 +428,7 @@ class Projected(TrackStats, Optimizer):
         grads: list[Tensor],
         befores: list[Tensor],
         views: dict[Tensor, Tensor],
+        decay: tuple[Any, Any],
         scaling: tuple[Tensor | None, Tensor | None] = (None, None),
     ) -> list[_Bucket]:
         """Phase 1 of the projection of one group after the inner step, per device/dtype bucket."""
@@ -379,7 +440,7 @@ class Projected(TrackStats, Optimizer):
             describe=lambda i, p: checks.describe(group, i, p),
             optimizer="Projected",
         )
-        wd = group.get("weight_decay", 0) if self._decay_kind(group) else 0
+        wd, ratio = decay
         return [
             _Bucket(
                 group,
@@ -388,12 +449,21 @@ class Projected(TrackStats, Optimizer):
                 [B[i] for i in idx],
                 [G[i] for i in idx],
                 wd,
+                ratio,
                 dist,
                 scaling,
                 views,
             )
             for idx in precision.group_by_device_and_dtype(range(len(P)), P).values()
         ]
+
+
+class _GroupDecay:
+    """What :func:`torch_adamp.engine.tail.decay_terms` reads of a group's options."""
+
+    def __init__(self, weight_decay: Any, wd_ratio: Any, mode: Any, lr: Any, lr_max: Any) -> None:
+        self.weight_decay, self.wd_ratio, self.corrected_weight_decay = weight_decay, wd_ratio, mode
+        self.lr, self.lr_max = lr, lr_max
 
 
 class _Bucket:
@@ -408,7 +478,8 @@ class _Bucket:
         locals_: list[Tensor],
         befores: list[Tensor],
         grads: list[Tensor],
-        wd: float,
+        wd: Any,
+        ratio: Any,
         dist: Any,
         scaling: tuple[Tensor | None, Tensor | None],
         views: dict[Tensor, Tensor],
@@ -418,7 +489,7 @@ class _Bucket:
         self.w_b = w_b = [precision.upcast(b) for b in befores]
         self.scaling = Scaling.from_tensors(*scaling, w_a[0].device)
         g = self.scaling.grads([precision.upcast(t) for t in grads], maximize=False)  # the test: unscaled
-        self.lr, self.wd, self.ratio = group["lr"], wd, group["wd_ratio"]
+        self.lr, self.wd, self.ratio = group["lr"], wd, ratio
         # d = (1 - lr wd) w_b - w_a: the inner update without its decoupled decay; its row sums with w_b and
         # g in one sweep by the native kernel (d never materialised), else with torch operations
         scale = 1 - self.lr * wd if wd else 1.0

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..training import LABELS, PROJECTED
-from . import adversarial, audio, bias, classification, common, language, retrieval
+from . import adversarial, audio, bias, classification, common, detection, language, retrieval
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,13 @@ TASKS: dict[str, Task] = {
             5,
             retrieval.PAPER,
             _build(retrieval),
+        ),
+        Task(
+            "detection",
+            "CenterNet from scratch on cluttered Fashion-MNIST canvases; COCO AP (pycocotools)",
+            3,
+            detection.PAPER,
+            _build(detection),
         ),
         Task(
             "adversarial",
@@ -118,6 +125,8 @@ def run_task(
         exp = task.build(epochs)
         res = common.run(exp, seed_list, quiet=quiet, log=log)
         common.plot(res, out)
+        if exp.extra_plots is not None:
+            exp.extra_plots(res, out)
         table = common.format_table(exp, res["summary"])
     res["paper"] = task.paper
     res["wall_seconds"] = time.perf_counter() - start
@@ -141,7 +150,7 @@ def format_summary(res: dict[str, Any], metrics: Any) -> str:
         for m in metrics:
             lines.append(
                 f"{LABELS[proj]} - {LABELS[PROJECTED[proj]]}: {m.label} {g[m.key]['mean']:+{m.fmt}} "
-                f"(se {g[m.key]['stderr']:{m.fmt}}, {g[m.key]['verdict']})"
+                f"(se {common.se_text(g[m.key]['stderr'], m.fmt)}, {g[m.key]['verdict']})"
             )
     return "\n".join(lines)
 
@@ -167,7 +176,8 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
                     f"| {name} | {m['label']} | "
                     f"{LABELS[base]} {b[m['key']][0]:{f}} ± {b[m['key']][1]:{f}} | "
                     f"{LABELS[proj]} {p[m['key']][0]:{f}} ± {p[m['key']][1]:{f}} | "
-                    f"{g['mean']:+{f}} ± {g['stderr']:{f}} | {g['verdict']} | {paper if i == 0 else '—'} | "
+                    f"{g['mean']:+{f}} ± {common.se_text(g['stderr'], f)} | {g['verdict']} | "
+                    f"{paper if i == 0 else '—'} | "
                     f"{b['weight_norm'][0]:.2f} → {p['weight_norm'][0]:.2f} | "
                     f"{b['effective_step'][0]:.2e} → {p['effective_step'][0]:.2e} | "
                     f"{share} | {len(b['seeds'])} | {res['wall_seconds']:.0f} |"

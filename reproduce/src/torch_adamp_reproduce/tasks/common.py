@@ -49,7 +49,9 @@ class Experiment:
     """What :func:`run` needs from a task. ``batches(gen)`` yields one epoch of batches in an order drawn
     from ``gen``; ``loss(model, batch)`` is the training loss (it may itself run an attack);
     ``evaluate(model)`` returns every metric (in eval mode, set by the caller; gradients are on, for attacks);
-    ``tracked(model)`` names the scale-invariant weights whose norms are followed."""
+    ``tracked(model)`` names the scale-invariant weights whose norms are followed; ``final(model)``, if given,
+    keeps more from each trained model in its run's ``extras`` (e.g. sample outputs), and ``extra_plots``
+    draws more PNGs from the results."""
 
     name: str
     title: str
@@ -71,6 +73,10 @@ class Experiment:
     param_groups: Callable[[nn.Module], Iterable[tuple[str, nn.Parameter]]] | None = None
     #: further weights whose projection share (SGDP/AdamP) is recorded, without joining the norms
     watched: Callable[[nn.Module], list[str]] | None = None
+    #: anything else to keep from the trained model (eval mode), stored in the run's ``extras``
+    final: Callable[[nn.Module], dict[str, Any]] | None = None
+    #: further PNGs from results.json's content, written into the task's folder by ``run_task``
+    extra_plots: Callable[[dict[str, Any], Path], list[Path]] | None = None
 
 
 @dataclass
@@ -84,6 +90,7 @@ class RunResult:
     projected_by_weight: dict[str, float] | None
     seconds: float
     curves: dict[str, list[float]] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # Experiment.final's result
 
 
 def _evaluate(exp: Experiment, model: nn.Module) -> dict[str, float]:
@@ -141,6 +148,10 @@ def train_one(exp: Experiment, name: str, seed: int, on_step: Callable[[float], 
                     curves[k].append(v)
             if on_step is not None:
                 on_step(value)
+    extras: dict[str, Any] = {}
+    if exp.final is not None:
+        model.eval()
+        extras = exp.final(model)
     by_weight = (
         {n: statistics.fmean(p[i] for p in projected) for i, n in enumerate([*names, *watched])} if projected else None
     )
@@ -154,6 +165,7 @@ def train_one(exp: Experiment, name: str, seed: int, on_step: Callable[[float], 
         projected_by_weight=by_weight,
         seconds=time.perf_counter() - start,
         curves=curves,
+        extras=extras,
     )
 
 
@@ -183,6 +195,11 @@ def paired_gain(base: Sequence[float], proj: Sequence[float], higher_is_better: 
     else:
         verdict = "within noise"
     return {"mean": m, "std": sd, "stderr": se, "verdict": verdict, "per_seed": d}
+
+
+def se_text(se: float, fmt: str) -> str:
+    """A standard error as printed: ``n/a`` for a single seed (``paired_gain`` stores NaN: no spread to estimate)."""
+    return "n/a" if math.isnan(se) else f"{se:{fmt}}"
 
 
 def summarize(exp: Experiment, runs: Sequence[RunResult]) -> dict[str, Any]:
@@ -224,7 +241,7 @@ def format_table(exp: Experiment, summary: dict[str, Any]) -> str:
         lines.append(f"{row['label']:<10}" + "".join(f" {c:>17}" for c in cells))
     for proj, g in summary["gains"].items():
         parts = [
-            f"{m.label} {g[m.key]['mean']:+{m.fmt}} (se {g[m.key]['stderr']:{m.fmt}}, {g[m.key]['verdict']})"
+            f"{m.label} {g[m.key]['mean']:+{m.fmt}} (se {se_text(g[m.key]['stderr'], m.fmt)}, {g[m.key]['verdict']})"
             for m in exp.metrics
         ]
         lines.append(f"{LABELS[proj]} - {LABELS[PROJECTED[proj]]} (> 0 is a gain): " + "; ".join(parts))
