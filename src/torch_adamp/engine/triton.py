@@ -68,14 +68,14 @@ def _kernels(rule: Rule[Any]) -> Any:
 
 def takes(rule: Rule[Any], o: Options, params: Sequence[Tensor], backend: Backend) -> bool:
     """Whether ``fused=True`` runs these parameters (one device) through the Triton back end."""
-    if "triton" not in rule.kernels or o.caution or not params or not installed():
-        return False
+    if "triton" not in rule.kernels or o.caution or not params or torch.compiler.is_compiling() or not installed():
+        return False  # (steps traced by torch.compile keep the multi-tensor path: asked first, before the cache)
     device = params[0].device.type
     if device == "cuda":
         ok = backend.fused in ("auto", "native", "triton")
     else:
         ok = device == "cpu" and backend.fused == "triton"
-    return ok and not torch.compiler.is_compiling() and _plain(params)
+    return ok and _plain(params)
 
 
 def _plain(params: Sequence[Tensor]) -> bool:
