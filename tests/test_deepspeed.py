@@ -120,6 +120,11 @@ def test_example_runs() -> None:
     cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     cmd += [str(ROOT / "examples" / "deepspeed_zero.py"), "--steps", "3", "--stage", "2"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # a rank aborted by std::terminate in the C++ runtime (seen once in ~20 runs, on a loaded 2-core machine,
+        # nothing of the example's in the output): run it again once; any other failure, or a second, fails
+        cmd[cmd.index("--master_port") + 1] = str(_free_port())
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "conv.weight: channel" in proc.stdout and "fc.weight: layer" in proc.stdout, proc.stdout
 
