@@ -1,5 +1,5 @@
 """AdamP's element functions for the Triton driver (:mod:`.driver`): the arithmetic of the native CPU kernel
-(``csrc/adamp.h``) and of the multi-tensor path, element by element::
+(``csrc/rules/adamp.h``) and of the multi-tensor path, element by element::
 
     m <- fma(g, 1 - b1, m b1)        v <- v b2 + ((1 - b2) g) g
     u  = m / (sqrt(v) / sqrt(1 - b2^t) + eps)     (nesterov: (b1 m + (1 - b1) g) / ...)

@@ -1,5 +1,5 @@
 """SGDP's element functions for the Triton driver (:mod:`.driver`): the arithmetic of the native CPU kernel
-(``csrc/sgdp.h``) and of the multi-tensor path, element by element::
+(``csrc/rules/sgdp.h``) and of the multi-tensor path, element by element::
 
     b <- fma(g, 1 - dampening, b momentum)
     d  = g + momentum b   if nesterov else   b
