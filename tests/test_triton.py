@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
+import math
 import os
 import subprocess
 import sys
@@ -121,6 +123,51 @@ def test_sgdp_matches_multi_tensor(options: dict[str, Any], config: str) -> None
                             config, shapes=TILE_SHAPES, steps=steps)  # fmt: skip
     assert views == ref_views
     assert rel(got, ref) < 1e-6
+
+
+def _scheduled(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``opt`` with its learning rate on a decreasing schedule (a new value before every step)."""
+    count = itertools.count()
+
+    def hook(o: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        k = next(count)
+        for g in o.param_groups:
+            g["lr"] = 1e-2 * (0.3 + 0.7 * math.cos(0.12 * k))
+
+    opt.register_step_pre_hook(hook)
+    return opt
+
+
+@interpreted
+@pytest.mark.parametrize(("kind", "mode"), [("adamp", True), ("adamp", "all"), ("sgdp", True), ("sgdp", "all")])
+def test_corrected_weight_decay_matches_multi_tensor(kind: str, mode: Any) -> None:
+    """``corrected_weight_decay`` on a schedule (``lr / lr_max`` changes every step): the same views and
+    values as the multi-tensor path; without the correction the values differ (the test can fail)."""
+    cls, extra = (torch_adamp.AdamP, {}) if kind == "adamp" else (torch_adamp.SGDP, {"momentum": 0.9})
+
+    def make(corrected: Any, **path: Any) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
+        return lambda ps: _scheduled(cls(ps, lr=1e-2, weight_decay=0.5, wd_ratio=0.5, track_stats=True,
+                                         corrected_weight_decay=corrected, **extra, **path))  # fmt: skip
+
+    ref, ref_views = run(make(mode, foreach=True), TILE_SHAPES, 8)
+    got, views = triton_run(make(mode, fused=True), "gpu", shapes=TILE_SHAPES, steps=8)
+    plain, _ = run(make(False, foreach=True), TILE_SHAPES, 8)
+    assert views == ref_views
+    assert rel(got, ref) < 1e-6
+    assert rel(plain, ref) > 1e-4
+
+
+@interpreted
+def test_corrected_weight_decay_with_a_tensor_lr_keeps_the_multi_tensor_path() -> None:
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(6, 4, 3, 3), (5, 7)]]
+    with triton_backend():
+        opt = torch_adamp.AdamP(
+            params, lr=torch.tensor(1e-2), weight_decay=0.1, corrected_weight_decay=True, fused=True
+        )
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert not plans(opt)
 
 
 @interpreted

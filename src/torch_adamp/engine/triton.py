@@ -70,6 +70,8 @@ def takes(rule: Rule[Any], o: Options, params: Sequence[Tensor], backend: Backen
     """Whether ``fused=True`` runs these parameters (one device) through the Triton back end."""
     if "triton" not in rule.kernels or o.caution or not params or torch.compiler.is_compiling() or not installed():
         return False  # (steps traced by torch.compile keep the multi-tensor path: asked first, before the cache)
+    if o.corrected_weight_decay is not False and isinstance(o.lr, Tensor):
+        return False  # the correction's lr / lr_max with a tensor lr: on the device, by the multi-tensor path
     device = params[0].device.type
     if device == "cuda":
         ok = backend.fused in ("auto", "native", "triton")
@@ -236,7 +238,8 @@ class Plan:
         if isinstance(lr, Tensor) and lr.device != device:
             lr = float(lr.item())  # a CPU tensor lr with parameters elsewhere: a host value, no device read
         lr_value = lr if not isinstance(lr, Tensor) else 0.0
-        values = (lr_value, o.eps, o.weight_decay, o.wd_ratio, self.rule.wd_divisor(o), *self.mod.hyper(o))
+        weight_decay, wd_ratio = tail.decay_terms(o, lr_value)  # corrected_weight_decay folded in (a float lr)
+        values = (lr_value, o.eps, weight_decay, wd_ratio, self.rule.wd_divisor(o), *self.mod.hyper(o))
         if values != self.values:
             driver.upload(self.buf.hyp, torch.tensor([float(v) for v in values], dtype=torch.float64))
             self.values = values
