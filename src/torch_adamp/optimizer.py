@@ -52,6 +52,27 @@ def defaults_of(arguments: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in arguments.items() if k not in ("self", "params", "__class__")}
 
 
+def functional_step(
+    rule: Rule[Any],
+    t: Bundle,
+    o: Options,
+    *,
+    foreach: bool | None,
+    fused: bool | None,
+    views: list[Tensor | None] | None,
+    dist: Any,
+) -> None:
+    """The step of a rule's functional API (``torch_adamp.adamp`` and its siblings): ``o`` checked as a group
+    is (a few microseconds: Python numbers; not while ``torch.compile`` traces), then the engine's step, or,
+    with ``dist`` (local shards: :mod:`torch_adamp.distributed`), its two phases around the one collective."""
+    if not torch.compiler.is_compiling():
+        rule.check_options(o)
+    if dist is not None:
+        distributed.finish(engine.begin(rule, t, o, views, dist))
+    else:
+        engine.step(rule, t, o, foreach=foreach, fused=fused, views=views)
+
+
 class ProjectedOptimizer(TrackStats, Optimizer):
     """An optimizer over one rule: the base of :class:`~torch_adamp.AdamP`, :class:`~torch_adamp.SGDP`
     and of any projected optimizer built on the extension point (``examples/custom_rule.py``).

@@ -23,9 +23,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .. import checks, distributed, engine
+from .. import checks, engine
 from ..checks import CorrectedDecay, ScaleInvariant
-from ..optimizer import ParamsT, ProjectedOptimizer, defaults_of
+from ..optimizer import ParamsT, ProjectedOptimizer, defaults_of, functional_step
 from ..rule import (
     NO_SCALING,
     Direction,
@@ -299,9 +299,4 @@ def adamp(
                      found_inf=found_inf, corrected_weight_decay=corrected_weight_decay, lr_max=lr_max,
                      beta1=beta1, beta2=beta2, nesterov=nesterov)  # fmt: skip
     t = engine.Bundle(params, grads, [exp_avgs, exp_avg_sqs], state_steps)
-    if not torch.compiler.is_compiling():
-        ADAMP_RULE.check_options(o)  # as a group is checked (a few microseconds: Python numbers)
-    if dist is not None:  # local shards: see torch_adamp.distributed
-        distributed.finish(engine.begin(ADAMP_RULE, t, o, views, dist))
-    else:
-        engine.step(ADAMP_RULE, t, o, foreach=foreach, fused=fused, views=views)
+    functional_step(ADAMP_RULE, t, o, foreach=foreach, fused=fused, views=views, dist=dist)

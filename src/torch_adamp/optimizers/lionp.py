@@ -22,9 +22,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .. import checks, distributed, engine
+from .. import checks, engine
 from ..checks import CorrectedDecay, ScaleInvariant
-from ..optimizer import ParamsT, ProjectedOptimizer, defaults_of
+from ..optimizer import ParamsT, ProjectedOptimizer, defaults_of, functional_step
 from ..rule import (
     NO_SCALING,
     Direction,
@@ -183,9 +183,4 @@ def lionp(
                      corrected_weight_decay=corrected_weight_decay, lr_max=lr_max, beta1=beta1,
                      beta2=beta2)  # fmt: skip
     t = engine.Bundle(params, grads, [exp_avgs])
-    if not torch.compiler.is_compiling():
-        LIONP_RULE.check_options(o)
-    if dist is not None:  # local shards: see torch_adamp.distributed
-        distributed.finish(engine.begin(LIONP_RULE, t, o, views, dist))
-    else:
-        engine.step(LIONP_RULE, t, o, foreach=foreach, fused=fused, views=views)
+    functional_step(LIONP_RULE, t, o, foreach=foreach, fused=fused, views=views, dist=dist)

@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import required
 
-from .. import checks, distributed, engine
+from .. import checks, engine
 from ..checks import CorrectedDecay, ScaleInvariant
-from ..optimizer import ParamsT, ProjectedOptimizer, defaults_of
+from ..optimizer import ParamsT, ProjectedOptimizer, defaults_of, functional_step
 from ..rule import (
     NO_SCALING,
     Direction,
@@ -221,9 +221,4 @@ def sgdp(
                     dampening=dampening, nesterov=nesterov,
                     project_momentum=project_momentum)  # fmt: skip
     t = engine.Bundle(params, grads, [momentum_buffers])
-    if not torch.compiler.is_compiling():
-        SGDP_RULE.check_options(o)  # as a group is checked (a few microseconds: Python numbers)
-    if dist is not None:  # local shards: see torch_adamp.distributed
-        distributed.finish(engine.begin(SGDP_RULE, t, o, views, dist))
-    else:
-        engine.step(SGDP_RULE, t, o, foreach=foreach, fused=fused, views=views)
+    functional_step(SGDP_RULE, t, o, foreach=foreach, fused=fused, views=views, dist=dist)
