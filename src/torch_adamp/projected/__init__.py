@@ -23,6 +23,7 @@ from ..engine import tail as engine_tail
 from ..rule import Scaling
 from ..stats import TrackStats, reused_copies
 from . import native
+from .wrapper import Wrapper
 
 __all__ = ["Projected"]
 
@@ -57,7 +58,7 @@ MUTATES_GRADS = frozenset({"SGD"})
 OPTIONS = ("delta", "wd_ratio", "projection_eps", "scale_invariant", "track_stats", "corrected_weight_decay", "lr_max")
 
 
-class Projected(TrackStats, Optimizer):
+class Projected(TrackStats, Wrapper):
     r"""The radial component of any optimizer's update removed for scale-invariant weights.
 
     ``Projected(inner)`` *is* the optimizer: it shares ``inner.param_groups``
@@ -162,24 +163,6 @@ class Projected(TrackStats, Optimizer):
             self._zero.register(g)
 
     # -- sharing the inner optimizer's containers ----------------------------------------
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.inner.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        if self._ready:
-            self.inner.param_groups = value
-
-    @property
-    def state(self) -> Any:
-        return self.inner.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        if self._ready:
-            self.inner.state = value
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not self._ready:
             return  # Optimizer.__init__'s placeholder
@@ -304,11 +287,6 @@ class Projected(TrackStats, Optimizer):
                 "corrected_weight_decay=True, which takes a tensor lr, or a float lr)"
             )
         return engine_tail.decay_terms(_GroupDecay(wd, ratio, mode, lr, group["lr_max"]))
-
-    @property
-    def _step_supports_amp_scaling(self) -> bool:
-        """GradScaler's protocol: supported exactly when ``inner`` supports it (see the class docstring)."""
-        return bool(getattr(self.inner, "_step_supports_amp_scaling", False))
 
     # -- the step ------------------------------------------------------------------------
     @torch.no_grad()

@@ -32,11 +32,12 @@ from torch.optim import Optimizer
 
 from .. import checks, distributed, projection
 from ..engine import precision
+from .wrapper import Wrapper
 
 __all__ = ["OrthoGrad", "orthogonalize"]
 
 
-class OrthoGrad(Optimizer):
+class OrthoGrad(Wrapper):
     r"""Gradients orthogonal to their weights (norm restored) before ``inner`` steps (pytorch_optimizer's name).
 
     Shares ``inner.param_groups`` and ``inner.state`` (the same objects), as :class:`~torch_adamp.Projected`
@@ -65,24 +66,6 @@ class OrthoGrad(Optimizer):
         self.defaults = inner.defaults
 
     # -- the inner optimizer's containers ----------------------------------------------------
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.inner.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        if self._ready:
-            self.inner.param_groups = value
-
-    @property
-    def state(self) -> Any:
-        return self.inner.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        if self._ready:
-            self.inner.state = value
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not self._ready:
             return  # Optimizer.__init__'s placeholder
@@ -107,12 +90,6 @@ class OrthoGrad(Optimizer):
     def _check_params(group: dict[str, Any]) -> None:
         params = group.get("params", [])
         checks.parameters(group, [params] if isinstance(params, Tensor) else params, "OrthoGrad", float_only=False)
-
-    @property
-    def _step_supports_amp_scaling(self) -> bool:
-        """GradScaler's protocol where ``inner`` has it: the rewrite is linear in the scale of ``g`` (a scaled
-        gradient becomes the scaled orthogonal one), so ``inner`` unscales and skips as it would."""
-        return bool(getattr(self.inner, "_step_supports_amp_scaling", False))
 
     # -- the step ---------------------------------------------------------------------------
     @torch.no_grad()
