@@ -795,3 +795,15 @@ def interpret_triton_faster() -> None:
 
     cls.__call__ = call
     cls._torch_adamp_fast = True
+
+
+#: operators that bring a tensor's value to the host (item(), bool(), float(), int() all go through the first)
+HOST_READS = {
+    torch.ops.aten._local_scalar_dense.default,
+    torch.ops.aten.is_nonzero.default,
+    torch.ops.aten.item.default,
+    torch.ops.aten.equal.default,
+    torch.ops.aten.allclose.default,
+    torch.ops.aten.nonzero.default,
+    torch.ops.aten.masked_select.default,
+}

@@ -415,17 +415,6 @@ def test_grad_scale_and_unscale_agree_for_any_scale(path: str, compile_counter: 
 # no host read of found_inf / grad_scale
 # --------------------------------------------------------------------------------------------
 
-#: operators that bring a tensor's value to the host (item(), bool(), float(), int() all go through the first)
-HOST_READS = {
-    torch.ops.aten._local_scalar_dense.default,
-    torch.ops.aten.is_nonzero.default,
-    torch.ops.aten.item.default,
-    torch.ops.aten.equal.default,
-    torch.ops.aten.allclose.default,
-    torch.ops.aten.nonzero.default,
-    torch.ops.aten.masked_select.default,
-}
-
 
 class HostReadsOfTaint(TorchDispatchMode):
     """Follows the data flow of the scaler's scale and found_inf (their outputs, mutated arguments and the
@@ -447,7 +436,7 @@ class HostReadsOfTaint(TorchDispatchMode):
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         check = torch.ops.aten._amp_foreach_non_finite_check_and_unscale_.default  # writes found_inf
         dirty = any(self.tainted(t) for t in inputs) or func is check
-        if func in HOST_READS:
+        if func in helpers.HOST_READS:
             self.reads += 1
             if dirty:
                 self.tainted_reads.append(str(func))

@@ -412,17 +412,6 @@ def test_functional_api_without_workspace() -> None:
 # no host read
 # --------------------------------------------------------------------------------------------
 
-#: operators that bring a tensor's value to the host
-HOST_READS = {
-    torch.ops.aten._local_scalar_dense.default,
-    torch.ops.aten.is_nonzero.default,
-    torch.ops.aten.item.default,
-    torch.ops.aten.equal.default,
-    torch.ops.aten.allclose.default,
-    torch.ops.aten.nonzero.default,
-    torch.ops.aten.masked_select.default,
-}
-
 
 class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
     """Records every operator that reads a tensor's value to the host, and every copy to the CPU."""
@@ -433,7 +422,7 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func in HOST_READS:
+        if func in helpers.HOST_READS:
             self.reads.append(str(func))
         if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
             src = args[1] if func is torch.ops.aten.copy_.default else args[0]

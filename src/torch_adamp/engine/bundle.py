@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,3 +42,22 @@ class Bundle:
     def stored(self) -> list[Tensor]:
         """Every tensor a step writes: the parameters, then the state tensors in order."""
         return [*self.params, *(t for s in self.states for t in s)]
+
+    def holds(
+        self,
+        params: Sequence[Tensor],
+        states: Sequence[Sequence[Tensor]],
+        steps: Sequence[Tensor] | None,
+        param_ptrs: list[int],
+    ) -> bool:
+        """Whether this bundle holds exactly these tensors (identity, in C-level passes) with the parameters'
+        storage still at ``param_ptrs``: what a plan built for them checks before it is reused."""
+        if not (len(self.params) == len(params) and all(map(operator.is_, self.params, params))):
+            return False
+        if not all(all(map(operator.is_, a, b)) for a, b in zip(self.states, states, strict=True)):
+            return False
+        if (self.steps is None) != (steps is None) or (
+            self.steps is not None and steps is not None and not all(map(operator.is_, self.steps, steps))
+        ):
+            return False
+        return list(map(Tensor.data_ptr, self.params)) == param_ptrs

@@ -214,15 +214,7 @@ class Plan:
 
     def matches(self, t: Bundle) -> bool:
         """Whether ``t`` holds the same parameters (same storage) and state tensors as when it was built."""
-        if not (len(t.params) == len(self.params) and all(map(operator.is_, t.params, self.params))):
-            return False
-        if not all(all(map(operator.is_, a, b)) for a, b in zip(t.states, self.states, strict=True)):
-            return False
-        if (t.steps is None) != (self.steps is None) or (
-            t.steps is not None and not all(map(operator.is_, t.steps, self.steps))  # type: ignore[arg-type]
-        ):
-            return False
-        return list(map(Tensor.data_ptr, t.params)) == self.param_ptrs
+        return t.holds(self.params, self.states, self.steps, self.param_ptrs)
 
     def take_grads(self, grads: Sequence[Tensor]) -> bool:
         """Check the gradients as the kernel reads them and write their pointers into the table, or ``False``

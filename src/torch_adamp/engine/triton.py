@@ -210,19 +210,11 @@ class Plan:
     def matches(self, t: Bundle, o: Options, steps: int) -> bool:
         """Whether ``t`` holds the same parameters (same storage), state tensors and counters as when it was
         built, and the options shape the same tables."""
-        if not (len(t.params) == len(self.params) and all(map(operator.is_, t.params, self.params))):
-            return False
-        if not all(all(map(operator.is_, a, b)) for a, b in zip(t.states, self.states, strict=True)):
-            return False
-        if (t.steps is None) != (self.steps_list is None) or (
-            t.steps is not None and not all(map(operator.is_, t.steps, self.steps_list))  # type: ignore[arg-type]
-        ):
+        if not t.holds(self.params, self.states, self.steps_list, self.param_ptrs):
             return False
         driver = _driver()
         mode = driver.MODES[o.scale_invariant if o.scale_invariant is False else str(o.scale_invariant)]
-        if mode != self.mode or self.mod.dir_state(o) != self.dir_state or steps != self.steps:
-            return False
-        return list(map(Tensor.data_ptr, t.params)) == self.param_ptrs
+        return mode == self.mode and self.mod.dir_state(o) == self.dir_state and steps == self.steps
 
     def run(self, t: Bundle, o: Options) -> Tensor:
         """One step (``t`` holds the plan's tensors and this step's gradients); returns the views (int8)."""
