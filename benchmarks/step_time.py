@@ -249,6 +249,25 @@ def _projected_lion(params: list[Tensor]) -> torch.optim.Optimizer:
     return Projected(_lion_pytorch().Lion(params, lr=LR, **LION_HP))
 
 
+def _our_paths(
+    cls: Any, name: str, extra: str, family: str, kind: str, hp: dict[str, Any], paths: Sequence[str]
+) -> list[Entry]:
+    """Our optimizer ``cls`` on the per-tensor, multi-tensor and fused paths that ``paths`` asks for."""
+    options: dict[str, dict[str, bool]] = {
+        "single": {"foreach": False},
+        "foreach": {"foreach": True},
+        "fused": {"fused": True},
+    }
+    entries: list[Entry] = []
+    for path, opts in options.items():
+        if path in paths:
+            flag = ", ".join(f"{k}={v}" for k, v in opts.items())
+            backend = "native" if path == "fused" and _native_backend.available() else None
+            make = _maker(cls, backend, **hp, **opts)
+            entries.append(Entry(f"{name}({extra}{flag})", family, path, make, kind, backend))
+    return entries
+
+
 def lion_catalogue(paths: Sequence[str]) -> list[Entry]:
     """The Lion family: torch's AdamW (the yardstick), lion-pytorch's Lion alone and under ``Projected``
     (its "reference" rows: what LionP replaces), and LionP by path."""
@@ -263,18 +282,7 @@ def lion_catalogue(paths: Sequence[str]) -> list[Entry]:
     if "reference" in paths and _lion_pytorch() is not None:
         entries.append(Entry("lion_pytorch.Lion", "lion", "reference", _maker(_lion_pytorch().Lion, **LION_HP)))
         entries.append(Entry("Projected(lion_pytorch.Lion)", "lion", "reference", _projected_lion))
-    options: dict[str, dict[str, bool]] = {
-        "single": {"foreach": False},
-        "foreach": {"foreach": True},
-        "fused": {"fused": True},
-    }
-    for path, opts in options.items():
-        if path in paths:
-            flag = ", ".join(f"{k}={v}" for k, v in opts.items())
-            backend = "native" if path == "fused" and _native_backend.available() else None
-            entries.append(
-                Entry(f"LionP({flag})", "lion", path, _maker(LionP, backend, **LION_HP, **opts), "lionp", backend)
-            )
+    entries += _our_paths(LionP, "LionP", "", "lion", "lionp", LION_HP, paths)
     if "default" in paths:
         entries.append(Entry("LionP() default", "lion", "default", None, "lionp"))
     return entries
@@ -301,17 +309,7 @@ def catalogue(family: str, paths: Sequence[str]) -> list[Entry]:
         entries.append(
             Entry(f"adamp.{oname} 0.3.0 (reference)", family, "reference", _maker(getattr(ref, oname), **hp))
         )
-    options: dict[str, dict[str, bool]] = {
-        "single": {"foreach": False},
-        "foreach": {"foreach": True},
-        "fused": {"fused": True},
-    }
-    for path, opts in options.items():
-        if path in paths:
-            flag = ", ".join(f"{k}={v}" for k, v in opts.items())
-            backend = "native" if path == "fused" and _native_backend.available() else None
-            make = _maker(ours, backend, **hp, **opts)
-            entries.append(Entry(f"{oname}({extra}{flag})", family, path, make, kind, backend))
+    entries += _our_paths(ours, oname, extra, family, kind, hp, paths)
     if "compiled" in paths:
         name = f"{oname}({extra}fused=True) via torch.compile"
         entries.append(Entry(name, family, "compiled", _maker(ours, "compile", **hp, fused=True), kind, "compile"))
